@@ -1,0 +1,302 @@
+"""DAVIS region (J) and boundary (F) measures and semi-supervised J&F (spec benchmarks.md §3.4).
+
+Re-implemented from the spec (davis2017-evaluation is GPL-3 and is not vendored): per-object,
+per-frame J and F, first and last frames excluded, void treated as background, statistics averaged
+over objects.
+Values are fractions in [0, 1], as in the reference CSV; reports multiply by 100.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from promptseg.errors import PromptsegError
+
+__all__ = [
+    "DavisFormatError",
+    "MissingResultsError",
+    "bound_pixels",
+    "db_statistics",
+    "disk",
+    "evaluate_davis",
+    "f_measure",
+    "j_measure",
+    "read_sequence_list",
+    "seg2bmap",
+]
+
+VOID_LABEL = 255
+MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+class DavisFormatError(PromptsegError, ValueError):
+    """A DAVIS root or results folder is malformed (labels, sizes, PNG modes); says where."""
+
+
+class MissingResultsError(PromptsegError, FileNotFoundError):
+    """Result PNGs are missing for some evaluated frames; the message lists them."""
+
+
+def _pair(gt: Any, pred: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks as bool arrays of one shape [H, W] or [T, H, W]."""
+    g = np.asarray(gt).astype(bool, copy=False)
+    p = np.asarray(pred).astype(bool, copy=False)
+    if g.shape != p.shape:
+        raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
+    if g.ndim not in (2, 3):
+        raise ValueError(f"masks must be [H, W] or [T, H, W], got shape {g.shape}")
+    return g, p
+
+
+def j_measure(gt: Any, pred: Any) -> float | np.ndarray:
+    """Region similarity |gt & pred| / |gt | pred| (1 for an empty union); per frame if 3-D."""
+    g, p = _pair(gt, pred)
+    inter = np.count_nonzero(g & p, axis=(-2, -1))
+    union = np.count_nonzero(g | p, axis=(-2, -1))
+    j = np.divide(inter, union, out=np.ones(np.shape(union), dtype=np.float64), where=union != 0)
+    return float(j) if g.ndim == 2 else j
+
+
+def seg2bmap(mask: Any) -> np.ndarray:
+    """1-pixel boundary of masks [..., H, W]: pixels differing from the right, lower or
+    lower-right neighbour (half-pixel offset: outer ring top/left, inner ring bottom/right)."""
+    m = np.asarray(mask).astype(bool, copy=False)
+    e = np.zeros_like(m)
+    s = np.zeros_like(m)
+    se = np.zeros_like(m)
+    e[..., :, :-1] = m[..., :, 1:]
+    s[..., :-1, :] = m[..., 1:, :]
+    se[..., :-1, :-1] = m[..., 1:, 1:]
+    b = (m ^ e) | (m ^ s) | (m ^ se)
+    b[..., -1, :] = m[..., -1, :] ^ e[..., -1, :]
+    b[..., :, -1] = m[..., :, -1] ^ s[..., :, -1]
+    b[..., -1, -1] = False
+    return b
+
+
+def bound_pixels(shape: Sequence[int], bound_th: float = 0.008) -> int:
+    """Boundary tolerance radius: ceil(bound_th * image diagonal), or bound_th pixels if >= 1."""
+    if bound_th >= 1:
+        if bound_th != int(bound_th):
+            raise ValueError(f"a pixel tolerance bound_th >= 1 must be an integer, got {bound_th}")
+        return int(bound_th)
+    h, w = shape[-2], shape[-1]
+    return int(np.ceil(bound_th * np.linalg.norm([h, w])))
+
+
+def disk(radius: int) -> np.ndarray:
+    """Bool disk structuring element {(dy, dx): dy^2 + dx^2 <= radius^2} of size 2 radius + 1."""
+    d = np.arange(-radius, radius + 1)
+    return d[:, None] ** 2 + d[None, :] ** 2 <= radius * radius
+
+
+def _dilate_disk(b: np.ndarray, radius: int) -> np.ndarray:
+    """Binary dilation of [..., H, W] by disk(radius), zero outside the image (as cv2.dilate).
+
+    Exact and fast: the disk is a stack of horizontal runs; each run is a windowed row sum (cumsum),
+    OR-ed into the output shifted by its row offset.
+    """
+    *lead, h, w = b.shape
+    r = radius
+    cs = np.zeros((*lead, h, w + 2 * r + 1), dtype=np.int32)
+    np.cumsum(b, axis=-1, dtype=np.int32, out=cs[..., r + 1 : r + 1 + w])
+    cs[..., r + 1 + w :] = cs[..., r + w : r + w + 1]
+    out = np.zeros(b.shape, dtype=bool)
+    runs: dict[int, np.ndarray] = {}
+    for dy in range(-r, r + 1):
+        half = math.isqrt(r * r - dy * dy)
+        if half not in runs:
+            runs[half] = (
+                cs[..., r + half + 1 : r + half + 1 + w] - cs[..., r - half : r - half + w]
+            ) > 0
+        run = runs[half]
+        if dy >= 0:
+            out[..., : h - dy, :] |= run[..., dy:, :]
+        else:
+            out[..., -dy:, :] |= run[..., : h + dy, :]
+    return out
+
+
+def f_measure(gt: Any, pred: Any, bound_th: float = 0.008) -> float | np.ndarray:
+    """Boundary F-measure with tolerance disk(ceil(bound_th * diagonal)), per frame for [T, H, W].
+
+    P = share of predicted boundary pixels near the GT boundary, R the converse; no predicted
+    boundary -> P 1, R 0; no GT boundary -> P 0, R 1; neither -> 1, 1; F = 2PR / (P + R) or 0.
+    """
+    g, p = _pair(gt, pred)
+    r = bound_pixels(g.shape, bound_th)
+    bg = seg2bmap(g)
+    bp = seg2bmap(p)
+    # Dilation only matters at boundary pixels: crop to their bounding box (exact, zero border).
+    rows = np.flatnonzero((bg | bp).any(axis=-1).reshape(-1, g.shape[-2]).any(axis=0))
+    cols = np.flatnonzero((bg | bp).any(axis=-2).reshape(-1, g.shape[-1]).any(axis=0))
+    n_bg = np.count_nonzero(bg, axis=(-2, -1))
+    n_bp = np.count_nonzero(bp, axis=(-2, -1))
+    if rows.size:
+        crop = (..., slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+        bg, bp = bg[crop], bp[crop]
+        match_p = np.count_nonzero(bp & _dilate_disk(bg, r), axis=(-2, -1))
+        match_r = np.count_nonzero(bg & _dilate_disk(bp, r), axis=(-2, -1))
+    else:
+        match_p = match_r = np.zeros_like(n_bp)
+    precision = np.divide(match_p, n_bp, out=np.zeros(np.shape(n_bp)), where=n_bp > 0)
+    recall = np.divide(match_r, n_bg, out=np.zeros(np.shape(n_bg)), where=n_bg > 0)
+    precision = np.where(
+        n_bp == 0, 1.0, precision
+    )  # nothing predicted: P = 1 (R = 0 unless GT empty)
+    recall = np.where(n_bg == 0, 1.0, recall)  # no GT boundary: R = 1 (P = 0 unless both empty)
+    precision = np.where((n_bg == 0) & (n_bp > 0), 0.0, precision)
+    recall = np.where((n_bp == 0) & (n_bg > 0), 0.0, recall)
+    denom = precision + recall
+    f = np.divide(2 * precision * recall, denom, out=np.zeros(np.shape(denom)), where=denom != 0)
+    return float(f) if g.ndim == 2 else f
+
+
+def db_statistics(per_frame: Any) -> tuple[float, float, float]:
+    """(mean, recall, decay): nanmean; share > 0.5 (NaN is not); first minus last of 4 bins whose
+    inclusive bounds are round(linspace(1, n, 5)) - 1.
+
+    Bin indices are int64 (the reference casts them to uint8, which overflows beyond 256 frames).
+    """
+    v = np.asarray(per_frame, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        mean = np.nanmean(v)
+        recall = np.nanmean(v > 0.5)
+        ids = (np.round(np.linspace(1, len(v), 5) + 1e-10) - 1).astype(np.int64)
+        decay = np.nanmean(v[ids[0] : ids[1] + 1]) - np.nanmean(v[ids[3] : ids[4] + 1])
+    return float(mean), float(recall), float(decay)
+
+
+def read_sequence_list(
+    davis_root: str | os.PathLike[str], year: str = "2017", split: str = "val"
+) -> list[str]:
+    """Sequence names of `ImageSets/<year>/<split>.txt` in file order (blank lines skipped)."""
+    path = Path(davis_root) / "ImageSets" / str(year) / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"DAVIS sequence list {path} not found (is {davis_root} a DAVIS root?)"
+        )
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _read_index_png(path: Path) -> np.ndarray:
+    """An indexed PNG (palette or grey) as its 2-D array of labels."""
+    with Image.open(path) as im:
+        a = np.asarray(im)
+    if a.ndim != 2:
+        raise DavisFormatError(
+            f"{path}: expected an indexed (palette) PNG with one label per pixel, "
+            f"got PIL mode {im.mode!r}"
+        )
+    return a
+
+
+def _evaluate_sequence(seq: str, gt_files: list[Path], res_dir: Path) -> list[dict[str, Any]]:
+    """Per-object rows (per-frame J/F and statistics) of one sequence."""
+    gt = np.stack([_read_index_png(f) for f in gt_files])
+    gt = np.where(gt == VOID_LABEL, 0, gt)
+    n_obj = int(gt[0].max())
+    frames = [f.stem for f in gt_files[1:-1]]
+    gt = gt[1:-1]
+    res = np.stack([_read_index_png(res_dir / seq / f"{fid}.png") for fid in frames])
+    if res.shape != gt.shape:
+        raise DavisFormatError(
+            f"{seq}: result frames have size {res.shape[1:]}, GT has {gt.shape[1:]}; "
+            "write results at GT size"
+        )
+    n_res = int(res.max()) if res.size else 0
+    if n_res > n_obj:
+        raise DavisFormatError(
+            f"{seq}: result label {n_res} exceeds the {n_obj} object(s) in GT frame "
+            f"{gt_files[0].name}"
+        )
+    rows = []
+    for k in range(1, n_obj + 1):
+        j = j_measure(gt == k, res == k)
+        f = f_measure(gt == k, res == k)
+        jm, jr, jd = db_statistics(j)
+        fm, fr, fd = db_statistics(f)
+        rows.append(
+            {
+                "sequence": seq,
+                "object": k,
+                "name": f"{seq}_{k}",
+                "J-Mean": jm,
+                "J-Recall": jr,
+                "J-Decay": jd,
+                "F-Mean": fm,
+                "F-Recall": fr,
+                "F-Decay": fd,
+                "frames": frames,
+                "J": j.tolist(),
+                "F": f.tolist(),
+            }
+        )
+    return rows
+
+
+def evaluate_davis(
+    davis_root: str | os.PathLike[str],
+    results_dir: str | os.PathLike[str],
+    *,
+    year: str = "2017",
+    split: str = "val",
+    sequences: Sequence[str] | None = None,
+    resolution: str = "480p",
+) -> dict[str, Any]:
+    """Semi-supervised DAVIS scores of `<results_dir>/<seq>/<frame>.png` vs `Annotations/<res>/`.
+
+    Returns the global measures (J&F-Mean, J-Mean, J-Recall, J-Decay, F-Mean, F-Recall, F-Decay;
+    means over all objects) and 'per_object' rows with per-frame J and F (first/last excluded).
+    """
+    root = Path(davis_root)
+    res_dir = Path(results_dir)
+    seqs = list(sequences) if sequences is not None else read_sequence_list(root, year, split)
+    ann_dir = root / "Annotations" / resolution
+    gt_files: dict[str, list[Path]] = {}
+    missing: list[str] = []
+    for seq in seqs:
+        files = sorted((ann_dir / seq).glob("*.png"))
+        if len(files) < 3:
+            raise DavisFormatError(
+                f"{ann_dir / seq}: need at least 3 annotated frames (first and last are not "
+                "evaluated), "
+                f"found {len(files)}"
+            )
+        gt_files[seq] = files
+        missing += [
+            f"{seq}/{f.stem}.png"
+            for f in files[1:-1]
+            if not (res_dir / seq / f"{f.stem}.png").is_file()
+        ]
+    if missing:
+        shown = ", ".join(missing[:20]) + (
+            f", ... ({len(missing) - 20} more)" if len(missing) > 20 else ""
+        )
+        raise MissingResultsError(
+            f"{len(missing)} result PNG(s) missing under {res_dir}: {shown}; results must be "
+            "indexed PNGs named like the GT frames"
+        )
+    per_object: list[dict[str, Any]] = []
+    for seq in seqs:
+        per_object += _evaluate_sequence(seq, gt_files[seq], res_dir)
+
+    def avg(key: str) -> float:
+        vals = np.array([row[key] for row in per_object], dtype=np.float64)
+        return float(np.mean(vals)) if vals.size else math.nan
+
+    out: dict[str, Any] = {m: avg(m) for m in MEASURES[1:]}
+    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2.0, **out}
+    out["n_objects"] = len(per_object)
+    out["sequences"] = seqs
+    out["per_object"] = per_object
+    return out

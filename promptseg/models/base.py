@@ -1,0 +1,166 @@
+"""`PromptSegModel`: the four steps every family implements, and `segment()` that chains them.
+
+encode_image (cacheable per image) -> encode_prompt (cacheable per prompt) -> decode -> postprocess.
+The Predictor calls the same steps, keeping the first two between calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedPromptError
+from ..imageio import ImageInput, content_hash, load_image
+from ..prompts import Prompt, as_prompt, prompt_kind
+from ..result import SegmentationResult
+from ..transforms import preprocess
+
+__all__ = ["PromptSegModel", "ImageEmbedding", "OutputSize"]
+
+OutputSize = str | tuple[int, int]
+_KIND_NEEDS = {
+    "text": {"text"},
+    "visual": {"visual"},
+    "mixed": {"text", "visual"},
+    "few_shot": {"few_shot"},
+    "open_vocab": {"open_vocab"},
+}
+
+
+@dataclass
+class ImageEmbedding:
+    """What `encode_image` computed for one image, plus what postprocessing needs of the image."""
+
+    features: Any
+    image: torch.Tensor  # uint8 [3, H, W], the original image
+    key: str  # content hash of `image`, so a cache is never stale
+    seconds: float = 0.0
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+class PromptSegModel(nn.Module):
+    """Base of every family; subclasses implement encode_image/encode_prompt/decode/postprocess."""
+
+    levels: tuple[str, ...] = ()
+
+    def __init__(self, card: Any) -> None:
+        super().__init__()
+        self.card = card
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.card.capabilities
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    # -- the four steps -------------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def encode_prompt(self, prompts: list[Prompt]) -> Any:
+        raise NotImplementedError
+
+    def decode(self, features: Any, prompt_embeddings: Any) -> Any:
+        raise NotImplementedError
+
+    def postprocess(self, raw: Any, embedding: ImageEmbedding, prompts: list[Prompt], **kw: Any):
+        raise NotImplementedError
+
+    # -- shared plumbing ------------------------------------------------------------------
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 [3, H, W] -> model input [1, 3, h, w] on the model's device and dtype."""
+        return preprocess(image, self.card.data_config, self.dtype).to(self.device)
+
+    def embed_image(self, image: ImageInput) -> ImageEmbedding:
+        """Load an image and run the prompt-independent part of the model on it."""
+        img = load_image(image)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            features = self.encode_image(self.preprocess(img))
+        return ImageEmbedding(features, img, content_hash(img), time.perf_counter() - start)
+
+    def prepare_prompts(self, prompt: Any) -> list[Prompt]:
+        """Normalise a user prompt and check this model can take every item of it."""
+        prompts = as_prompt(prompt)
+        for p in prompts:
+            kind = prompt_kind(p)
+            missing = _KIND_NEEDS[kind] - self.capabilities
+            if missing:
+                from ..zoo import list_models, model_info
+
+                able = [
+                    n for n in list_models(pretrained=True) if missing <= model_info(n).capabilities
+                ]
+                raise UnsupportedPromptError(
+                    f"{self.card.name} cannot take a {type(p).__name__} ({kind} prompt); it supports "
+                    f"{sorted(self.capabilities & set().union(*_KIND_NEEDS.values()))}. "
+                    f"Models that take {kind} prompts: {', '.join(able) or 'none yet'}"
+                )
+        return prompts
+
+    def check_level(self, level: str | None) -> str:
+        """The output level to produce: `level` if this family has it, else its default."""
+        if level is None:
+            return self.levels[0]
+        if level not in self.levels:
+            raise ValueError(
+                f"{self.card.name} has no output level {level!r}; choose from {list(self.levels)}"
+            )
+        return level
+
+    def run(
+        self,
+        embedding: ImageEmbedding,
+        prompts: list[Prompt],
+        prompt_embeddings: Any = None,
+        **kw: Any,
+    ) -> SegmentationResult:
+        """Decode prompts against a cached image embedding and postprocess to a result."""
+        timings = {"encode_image": embedding.seconds}
+        with torch.inference_mode():
+            start = time.perf_counter()
+            if prompt_embeddings is None:
+                prompt_embeddings = self.encode_prompt(prompts)
+            timings["encode_prompt"] = time.perf_counter() - start
+            start = time.perf_counter()
+            raw = self.decode(embedding.features, prompt_embeddings)
+            timings["decode"] = time.perf_counter() - start
+            start = time.perf_counter()
+            result = self.postprocess(raw, embedding, prompts, **kw)
+            timings["postprocess"] = time.perf_counter() - start
+        result.meta.setdefault("timings", {}).update(timings)
+        return result
+
+    def segment(
+        self,
+        image: ImageInput,
+        prompt: Any,
+        *,
+        level: str | None = None,
+        threshold: float | None = None,
+        output_size: OutputSize = "original",
+        return_logits: bool = False,
+    ) -> SegmentationResult:
+        """Segment what `prompt` describes in `image`; masks come back at the original size."""
+        prompts = self.prepare_prompts(prompt)
+        return self.run(
+            self.embed_image(image),
+            prompts,
+            level=self.check_level(level),
+            threshold=threshold,
+            output_size=output_size,
+            return_logits=return_logits,
+        )

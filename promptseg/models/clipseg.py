@@ -1,0 +1,213 @@
+"""CLIPSeg (Lüddecke & Ecker, CVPR 2022): CLIP ViT-B/16 backbone + FiLM transformer decoder.
+
+    backbone = OpenCLIPViT   (backbones/open_clip_vit.py; frozen, taps blocks 3, 6, 9)
+    head     = FiLMDecoder   (heads/film_decoder.py)
+
+A prompt becomes one 512-d conditional vector: the CLIP text embedding of a text, the CLIP image
+embedding of an "engineered" reference (object kept, background blurred and darkened, cropped
+around the object), or a linear mix of both. The image is encoded once per call whatever the
+number of prompts; each prompt then costs one small decoder pass.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones.open_clip_vit import OpenCLIPViT
+from ..heads.film_decoder import FiLMDecoder
+from ..imageio import load_image, load_mask
+from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, VisualPrompt
+from ..registry import register_model
+from ..result import SegmentationResult
+from ..transforms import resize_logits, resize_mask
+from .base import ImageEmbedding, PromptSegModel
+
+__all__ = ["CLIPSeg", "engineer_visual_prompt", "gaussian_blur"]
+
+
+# -- visual prompt engineering ("crop + background blur + intensity 10%", spec §1.2) ---------------
+def gaussian_blur(x: torch.Tensor, kernel_size: int = 15, sigma: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian blur of [C, H, W] with reflect-101 borders (= cv2.GaussianBlur)."""
+    r = kernel_size // 2
+    t = torch.arange(kernel_size, dtype=torch.float64) - r
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x.dtype)
+    c = x.shape[0]
+    y = F.pad(x[None], (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    y = F.conv2d(y, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return y[0]
+
+
+def _mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1), end-exclusive, of the mask's pixels with 10% context per axis."""
+    h, w = mask.shape
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    dy, dx = 0.1 * (y1 - y0), 0.1 * (x1 - x0)
+    return int(max(0, y0 - dy)), int(min(h, y1 + dy)), int(max(0, x0 - dx)), int(min(w, x1 + dx))
+
+
+def engineer_visual_prompt(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Normalised support [3, S, S] + bool mask [S, S] -> the image CLIP embeds as the prompt.
+
+    Operates on the *normalised* image, so darkening pulls the background to the mean colour.
+    """
+    m = mask.to(image.dtype)
+    u = image * m + 0.1 * gaussian_blur(image) * (1 - m)
+    y0, y1, x0, x1 = _mask_box(mask)
+    crop = u[:, y0:y1, x0:x1]
+    h, w = crop.shape[-2:]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    crop = F.pad(crop, (left, side - w - left, top, side - h - top))
+    return F.interpolate(crop[None], size=image.shape[-2:], mode="nearest")[0]
+
+
+# -- the model ----------------------------------------------------------------------------------
+@register_model("clipseg")
+class CLIPSeg(PromptSegModel):
+    """Text / visual / mixed prompts -> one binary mask per prompt."""
+
+    levels = ("semantic",)
+
+    def __init__(self, card: Any) -> None:
+        super().__init__(card)
+        cfg = card.config
+        taps = tuple(cfg["extract_layers"])
+        self.backbone = OpenCLIPViT(
+            cfg["embed_dim"], cfg["vision"], cfg["text"], taps, card.data_config
+        )
+        self.head = FiLMDecoder(
+            in_dim=cfg["vision"]["width"],
+            cond_dim=cfg["embed_dim"],
+            reduce_dim=cfg["reduce_dim"],
+            n_taps=len(taps),
+            heads=cfg["decoder_heads"],
+            ffn=cfg["decoder_ffn"],
+            patch_size=cfg["vision"]["patch_size"],
+            refined=cfg["refined"],
+        )
+
+    # -- image side (cacheable) -----------------------------------------------------------------
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> reduced taps [n_taps, B, 1 + g*g, D], deepest first."""
+        taps = self.backbone.forward_features(pixels)
+        return self.head.project([taps[f"block{i}"] for i in self.backbone.taps])
+
+    # -- prompt side (cacheable) ----------------------------------------------------------------
+    def encode_prompt(self, prompts: list[Prompt]) -> torch.Tensor:
+        """Conditional vectors [P, embed_dim], texts and references each embedded in one batch."""
+        texts = [_text_of(p) for p in prompts if isinstance(p, (TextPrompt, MixedPrompt))]
+        refs = [_single_reference(p) for p in prompts if not isinstance(p, TextPrompt)]
+        text_emb = iter(self.embed_texts(texts)) if texts else iter(())
+        visual_emb = iter(self.embed_references(refs)) if refs else iter(())
+        rows = []
+        for p in prompts:  # consumes both iterators in the order the lists were built
+            if isinstance(p, TextPrompt):
+                rows.append(next(text_emb))
+            elif isinstance(p, MixedPrompt):
+                w = float(p.text_weight)
+                rows.append(w * next(text_emb) + (1 - w) * next(visual_emb))
+            else:
+                rows.append(next(visual_emb))
+        return torch.stack(rows)
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [T, embed_dim] (raw strings, no template, unnormalised)."""
+        ids = self.backbone.tokenize(texts).to(self.device)
+        return self.backbone.encode_text(ids)
+
+    def embed_references(self, refs: list[VisualPrompt]) -> torch.Tensor:
+        """CLIP image embeddings [R, embed_dim] of engineered references at the input size."""
+        batch = []
+        for ref in refs:
+            img = load_image(ref.image)
+            mask = load_mask(ref.mask, size=tuple(img.shape[-2:]))
+            if not mask.any():
+                raise ValueError(
+                    "the reference mask has no foreground pixel; a visual prompt needs the object "
+                    "marked in its mask (an all-ones mask is allowed: it means the whole image)"
+                )
+            pixels = self.preprocess(img)[0]
+            mask = resize_mask(mask, tuple(pixels.shape[-2:]))
+            batch.append(engineer_visual_prompt(pixels, mask.to(pixels.device)))
+        return self.backbone.encode_image(torch.stack(batch))
+
+    # -- decode and postprocess -----------------------------------------------------------------
+    def decode(self, features: torch.Tensor, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """Logits [P, S, S] of every prompt against the (single) cached image."""
+        return self.head(features, prompt_embeddings.to(features.dtype))
+
+    def postprocess(
+        self,
+        raw: torch.Tensor,
+        embedding: ImageEmbedding,
+        prompts: list[Prompt],
+        *,
+        level: str = "semantic",
+        threshold: float | None = None,
+        output_size: Any = "original",
+        return_logits: bool = False,
+    ) -> SegmentationResult:
+        """Resize logits (bilinear) to the output size, then sigmoid > threshold per prompt."""
+        if threshold is None:
+            threshold = self.card.default_threshold or 0.3
+        threshold = float(threshold)
+        size = _output_size(output_size, embedding.image_size, tuple(raw.shape[-2:]))
+        probs = torch.sigmoid(resize_logits(raw, size)).cpu()
+        masks = probs > threshold
+        area = masks.sum(dim=(1, 2))
+        scores = torch.where(area > 0, (probs * masks).sum(dim=(1, 2)) / area.clamp(min=1), 0.0)
+        return SegmentationResult(
+            masks=masks,
+            scores=scores.float(),
+            labels=[_label(p, i) for i, p in enumerate(prompts)],
+            prompt_index=torch.arange(len(prompts)),
+            level=[level] * len(prompts),
+            logits=raw.float().cpu() if return_logits else None,
+            image=embedding.image if size == embedding.image_size else None,
+            meta={
+                "model": self.card.name,
+                "threshold": threshold,
+                "input_size": tuple(self.card.data_config["input_size"]),
+                "output_size": size,
+                "score": "mean foreground probability inside the mask",
+            },
+        )
+
+
+def _text_of(p: TextPrompt | MixedPrompt) -> str:
+    return p.text if isinstance(p, TextPrompt) else p.text.text
+
+
+def _single_reference(p: Prompt) -> VisualPrompt:
+    if isinstance(p, MixedPrompt):
+        return p.visual
+    if isinstance(p, SupportSet):
+        return p.shots[0]  # prepare_prompts admits one-shot sets only
+    return p
+
+
+def _label(p: Prompt, i: int) -> str:
+    if isinstance(p, TextPrompt):
+        return p.text
+    if isinstance(p, MixedPrompt):
+        return f"{p.text.text} + reference {i}"
+    return f"reference {i}"
+
+
+def _output_size(spec: Any, original: tuple[int, int], model: tuple[int, int]) -> tuple[int, int]:
+    """'original' -> the image's size, 'input' -> the model's resolution, (H, W) -> itself."""
+    if spec == "original":
+        return original
+    if spec == "input":
+        return model
+    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(int(s) > 0 for s in spec):
+        return int(spec[0]), int(spec[1])
+    raise ValueError(f"output_size must be 'original', 'input' or (H, W), got {spec!r}")

@@ -1,0 +1,628 @@
+"""Find, download, verify, cache and read checkpoint files.
+
+A weight file is looked up first in the promptseg cache (``<root>/<key>/<filename>``), then in each
+source recorded in zoo.yaml (Hugging Face Hub, a direct URL, or a manual download). Every failure
+ends in one error message saying what was tried, why it failed and where to put the file by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+import huggingface_hub
+import huggingface_hub.constants
+import huggingface_hub.utils
+import safetensors.torch
+import torch
+from tqdm.auto import tqdm
+
+from promptseg.errors import CheckpointFormatError, ChecksumError, WeightsNotFoundError
+
+__all__ = [
+    "WeightSource",
+    "cache_root",
+    "load_state_dict_file",
+    "resolve_file",
+    "load_pretrained",
+    "convert_checkpoint",
+    "fetch_native",
+    "native_checkpoint_path",
+    "load_native_state_dict",
+    "save_state_dict_file",
+    "sha256_file",
+    "unwrap_state_dict",
+]
+
+SOURCE_KINDS = ("hf", "url", "manual")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One place a weight file can come from, as recorded in zoo.yaml."""
+
+    kind: str  # "hf" | "url" | "manual"
+    filename: str  # name in the cache (and in the hub repo for "hf")
+    repo: str | None = None  # hf: "CIDAS/clipseg-rd64-refined"
+    revision: str | None = None  # hf: branch or commit; None = main
+    url: str | None = None  # url: direct download address
+    archive_member: str | None = None  # url: the file is this member of a .zip at `url`
+    sha256: str | None = None  # of the final file (the member, for archives); None = unchecked
+    size: int | None = None  # bytes, shown in error messages
+    instructions: str | None = None  # manual: how to get the file by hand
+
+    def __post_init__(self) -> None:
+        """Reject entries that could never be fetched, so zoo.yaml mistakes surface at load time."""
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"weight source kind {self.kind!r} is not one of {SOURCE_KINDS}")
+        if self.kind == "hf" and not self.repo:
+            raise ValueError(f"hf weight source for {self.filename!r} needs `repo`")
+        if self.kind == "url" and not self.url:
+            raise ValueError(f"url weight source for {self.filename!r} needs `url`")
+        if self.archive_member and self.kind != "url":
+            raise ValueError(f"`archive_member` only applies to url sources, not {self.kind!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WeightSource:
+        """Build a source from a zoo.yaml mapping, refusing keys it would silently drop."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown weight source keys {unknown} in {dict(d)}")
+        return cls(**d)
+
+    def describe(self) -> str:
+        """Say where this source's file can be obtained, for error messages."""
+        if self.kind == "hf":
+            return (
+                f"Hugging Face Hub: repo {self.repo}, file {self.filename}, "
+                f"revision {self.revision or 'main'} (https://huggingface.co/{self.repo})"
+            )
+        if self.kind == "url":
+            member = f" (zip archive; the file is its member {self.archive_member})"
+            return f"URL {self.url}" + (member if self.archive_member else "")
+        return f"manual download: {self.instructions or 'no instructions recorded'}"
+
+
+class _SourceFailed(Exception):
+    """A source could not provide the file; the message is the reason shown to the user."""
+
+
+# --------------------------------------------------------------------------- cache and hashing
+
+
+def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Return the cache directory: argument > $PROMPTSEG_CACHE > XDG cache (not created)."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("PROMPTSEG_CACHE"):
+        return Path(os.environ["PROMPTSEG_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(xdg).expanduser() / "promptseg"
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Return the hex sha256 of a file, read in chunks so large checkpoints fit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, expected: str | None, *, what_to_do: str) -> None:
+    """Raise ChecksumError if the sha256 is known and differs, so bad files are never used."""
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual.lower() != expected.lower():
+        raise ChecksumError(
+            f"{path} has sha256 {actual}, expected {expected} (zoo.yaml). {what_to_do}"
+        )
+
+
+def _offline_reason() -> str | None:
+    """Name the environment variable that forbids network access, or None when online."""
+    for var in ("PROMPTSEG_OFFLINE", "HF_HUB_OFFLINE"):
+        if os.environ.get(var, "").upper() in {"1", "ON", "YES", "TRUE"}:
+            return f"{var}={os.environ[var]}"
+    return None
+
+
+# --------------------------------------------------------------------------- resolving
+
+
+def resolve_file(
+    key: str,
+    sources: Sequence[WeightSource],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Return a verified local path of a weight file: cached, else from the first working source."""
+    folder = cache_root(cache_dir) / key
+    for source in sources:
+        cached = folder / source.filename
+        if cached.is_file():
+            _verify(
+                cached,
+                source.sha256,
+                what_to_do="It was not overwritten: delete or replace it, "
+                "or pass `checkpoint_path=` to use a file you trust.",
+            )
+            return cached
+
+    offline = _offline_reason()
+    failures: list[str] = []
+    mismatch = False
+    for source in sources:
+        try:
+            return _fetch(source, folder, offline=offline, progress=progress)
+        except _SourceFailed as exc:
+            failures.append(f"{source.describe()}\n     failed: {exc}")
+        except ChecksumError as exc:
+            mismatch = True
+            failures.append(f"{source.describe()}\n     failed: checksum mismatch: {exc}")
+    message = _not_found_message(key, sources, folder, failures, offline=offline)
+    if mismatch:
+        raise ChecksumError(message)
+    raise WeightsNotFoundError(message)
+
+
+def _fetch(source: WeightSource, folder: Path, *, offline: str | None, progress: bool) -> Path:
+    """Get the file from one source, or raise _SourceFailed / ChecksumError saying why not."""
+    if source.kind == "manual":
+        raise _SourceFailed("needs a manual download (instructions above)")
+    if source.kind == "hf":
+        return _fetch_hf(source, offline=offline, progress=progress)
+    if offline:
+        raise _SourceFailed(f"skipped, offline mode is on ({offline})")
+    folder.mkdir(parents=True, exist_ok=True)
+    if source.archive_member:
+        return _fetch_archive_member(source, folder, progress=progress)
+    return _fetch_url(source, folder, progress=progress)
+
+
+def _fetch_hf(source: WeightSource, *, offline: str | None, progress: bool) -> Path:
+    """Return the file's path inside the Hugging Face cache, downloading it unless offline."""
+    try:
+        with _hub_progress_bars(progress):
+            path = huggingface_hub.hf_hub_download(
+                source.repo,
+                source.filename,
+                revision=source.revision,
+                local_files_only=offline is not None,
+            )
+    except Exception as exc:  # any hub failure (HTTP, offline, bad id) moves on to the next source
+        if offline:
+            raise _SourceFailed(
+                f"offline mode is on ({offline}) and the file is not in the Hugging Face cache "
+                f"({huggingface_hub.constants.HF_HUB_CACHE})"
+            ) from exc
+        raise _SourceFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    _verify(
+        Path(path),
+        source.sha256,
+        what_to_do="The Hub file differs from the one zoo.yaml expects; "
+        "pin `revision` to the expected commit.",
+    )
+    return Path(path)
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Silence huggingface_hub's own progress bars while downloading with progress=False."""
+    if enabled or huggingface_hub.utils.are_progress_bars_disabled():
+        yield
+        return
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        huggingface_hub.utils.enable_progress_bars()
+
+
+def _fetch_url(source: WeightSource, folder: Path, *, progress: bool) -> Path:
+    """Download a direct URL into the cache, verify it, then move it into place atomically."""
+    dest = folder / source.filename
+    part = _part_path(dest)
+    _download(source.url, part, progress=progress)
+    _verify_fresh(part, source)
+    os.replace(part, dest)
+    return dest
+
+
+def _fetch_archive_member(source: WeightSource, folder: Path, *, progress: bool) -> Path:
+    """Download a zip archive, extract the one member needed, verify it, and drop the archive."""
+    archive = folder / (PurePosixPath(urlparse(source.url).path).name or "archive.zip")
+    if not archive.is_file():
+        archive_part = _part_path(archive)
+        _download(source.url, archive_part, progress=progress)
+        os.replace(archive_part, archive)
+    dest = folder / source.filename
+    part = _part_path(dest)
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open(_member(zf, source.archive_member)) as src:
+            with open(part, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+    except (zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        archive.unlink()
+        part.unlink(missing_ok=True)
+        raise _SourceFailed(f"bad archive {archive.name} (deleted): {_first_line(exc)}") from exc
+    try:
+        _verify_fresh(part, source)
+    finally:
+        archive.unlink()
+    os.replace(part, dest)
+    return dest
+
+
+def _member(zf: zipfile.ZipFile, name: str) -> str:
+    """The archive member called `name`, at the top or in any folder (`unzip -j` semantics)."""
+    names = zf.namelist()
+    if name in names:
+        return name
+    matches = [n for n in names if PurePosixPath(n).name == name]
+    if len(matches) != 1:
+        raise KeyError(f"{name} is not in the archive (members: {', '.join(names[:8])})")
+    return matches[0]
+
+
+def _verify_fresh(path: Path, source: WeightSource) -> None:
+    """Check a file just downloaded; on mismatch delete it so it is never mistaken for good."""
+    try:
+        _verify(
+            path,
+            source.sha256,
+            what_to_do="The download was deleted. Retry; if it keeps failing the upstream file "
+            "changed: get it from another source or fix sha256 in zoo.yaml.",
+        )
+    except ChecksumError:
+        path.unlink()
+        raise
+
+
+def _part_path(path: Path) -> Path:
+    """Return where a file is written while incomplete."""
+    return path.with_name(path.name + ".part")
+
+
+def _download(url: str, part: Path, *, progress: bool) -> None:
+    """Download `url` into `part`, resuming from whatever `part` already holds (HTTP Range)."""
+    offset = part.stat().st_size if part.is_file() else 0
+    headers = {"User-Agent": "promptseg"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:  # the partial file does not fit the remote one: restart
+            part.unlink()
+            return _download(url, part, progress=progress)
+        raise _SourceFailed(f"HTTP error {exc.code} {exc.reason}") from exc
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise _SourceFailed(f"network error: {_first_line(exc)}") from exc
+
+    with response:
+        if response.status != 206:  # the server ignored Range: start over
+            offset = 0
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length else None
+        bar = tqdm(
+            total=total,
+            initial=offset,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=part.name.removesuffix(".part"),
+            disable=not progress,
+        )
+        try:
+            with bar, open(part, "ab" if offset else "wb") as out:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        except (OSError, http.client.HTTPException) as exc:
+            raise _SourceFailed(
+                f"network error after {part.stat().st_size} bytes (kept {part}, the next attempt "
+                f"resumes): {_first_line(exc)}"
+            ) from exc
+    if total is not None and part.stat().st_size != total:
+        raise _SourceFailed(f"download stopped at {part.stat().st_size} of {total} bytes")
+
+
+def _first_line(exc: BaseException) -> str:
+    """Return the first line of an exception message, since library messages can be pages long."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _not_found_message(
+    key: str,
+    sources: Sequence[WeightSource],
+    folder: Path,
+    failures: list[str],
+    *,
+    offline: str | None,
+) -> str:
+    """Compose the single message telling a user what was tried and where to put the file."""
+    filenames = list(dict.fromkeys(s.filename for s in sources))
+    lines = [f"Could not obtain the weights {key!r}."]
+    for filename in filenames:
+        same = [s for s in sources if s.filename == filename]
+        sha256 = next((s.sha256 for s in same if s.sha256), None)
+        size = next((s.size for s in same if s.size), None)
+        details = [f"sha256 {sha256}"] if sha256 else []
+        details += [f"{size} bytes ({size / 2**20:.1f} MiB)"] if size else []
+        lines.append(f"File: {filename}" + (f" ({', '.join(details)})" if details else ""))
+    lines.append("Sources tried:" if failures else "No sources are recorded for it.")
+    lines += [f"  {i}. {failure}" for i, failure in enumerate(failures, 1)]
+    if offline:
+        lines.append(f"Offline mode is on ({offline}); unset it to allow downloads.")
+    lines.append("Get the file yourself and put it at:")
+    lines += [f"  {folder / filename}" for filename in filenames]
+    lines.append(
+        "or pass `checkpoint_path=<file>` (Python) / `--checkpoint <file>` (command line)."
+    )
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- reading and writing
+
+_WRAPPER_KEYS = ("state_dict", "model", "module", "teacher")
+_PRETRAINED_NAMES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+)
+
+
+def unwrap_state_dict(obj: Any) -> Any:
+    """Peel training-checkpoint wrappers and a DataParallel "module." prefix off a state dict."""
+    while isinstance(obj, Mapping) and not _all_tensors(obj):
+        inner = [obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+        if len(inner) != 1:
+            break
+        obj = inner[0]
+    prefix = "module."
+    if isinstance(obj, Mapping) and obj and all(str(k).startswith(prefix) for k in obj):
+        obj = {k[len(prefix) :]: v for k, v in obj.items()}
+    return obj
+
+
+def _all_tensors(obj: Mapping[Any, Any]) -> bool:
+    """Tell whether a mapping is already a flat {name: tensor} state dict."""
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat {name: tensor} dict, whatever the container."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_pretrained_dir(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        obj = _read_checkpoint(path)
+    except Exception as exc:  # torch / safetensors / zipfile raise many types for a bad file
+        raise CheckpointFormatError(
+            f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): "
+            f"{type(exc).__name__}: {exc}\nThe file may be truncated or corrupted "
+            "(delete it and download it again) or is not a PyTorch/safetensors checkpoint."
+        ) from exc
+    return _checked_state_dict(unwrap_state_dict(obj), path)
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """Read one file with the reader its container needs, never unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path, device="cpu")
+    if _is_torchscript(path):
+        return torch.jit.load(path, map_location="cpu").state_dict()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """Tell a TorchScript archive (e.g. OpenAI CLIP's .pt) from a torch.save zip file."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(PurePosixPath(name).name == "constants.pkl" for name in zf.namelist())
+
+
+def _checked_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Return obj as a state dict, or raise CheckpointFormatError describing what it holds."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointFormatError(
+            f"Checkpoint {path} holds a {type(obj).__name__}, not a {{name: tensor}} mapping."
+        )
+    bad = [f"{k!r}: {type(v).__name__}" for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad += [f"{k!r} (key is not a string)" for k in obj if not isinstance(k, str)]
+    if bad:
+        raise CheckpointFormatError(
+            f"Checkpoint {path} is not a flat {{name: tensor}} state dict; "
+            f"it has {len(bad)} other entries, e.g. {', '.join(bad[:5])}. "
+            f"Known wrapper keys {list(_WRAPPER_KEYS)} are unwrapped when exactly one is present."
+        )
+    return dict(obj)
+
+
+def _load_pretrained_dir(folder: Path) -> dict[str, torch.Tensor]:
+    """Read the weights of a transformers/diffusers `save_pretrained` directory."""
+    for name in _PRETRAINED_NAMES:
+        if (folder / name).is_file():
+            return load_state_dict_file(folder / name)
+        if (folder / f"{name}.index.json").is_file():
+            return _load_sharded(folder / f"{name}.index.json")
+    found = sorted(p.name for p in folder.iterdir())
+    raise CheckpointFormatError(
+        f"Directory {folder} has no save_pretrained weights (looked for "
+        f"{', '.join(_PRETRAINED_NAMES)} and their .index.json); it contains {found[:10]}."
+    )
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """Merge the shards listed in a `*.index.json` weight map into one state dict."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointFormatError(f"Shard index {index} is unreadable: {exc!r}") from exc
+    merged: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        merged.update(load_state_dict_file(index.parent / shard))
+    missing = sorted(set(weight_map) - set(merged))
+    if missing:
+        raise CheckpointFormatError(
+            f"Shard index {index} lists {len(missing)} tensors absent from its shards, "
+            f"e.g. {missing[:5]}."
+        )
+    return merged
+
+
+def save_state_dict_file(
+    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
+) -> None:
+    """Write a state dict as safetensors atomically, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------------------- models
+
+
+def native_checkpoint_path(card: Any, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where a model's converted (native layout, safetensors) weights are cached."""
+    return cache_root(cache_dir) / card.name / "promptseg.safetensors"
+
+
+def _converter(name: str) -> Any:
+    from .registry import CONVERTERS
+    from .zoo import import_family
+
+    if name not in CONVERTERS:
+        import_family(name.split("_")[0])
+    return CONVERTERS[name]
+
+
+def _requirer(cache_dir: str | os.PathLike[str] | None, progress: bool) -> Any:
+    """`require(component) -> state dict`: a converter's way to get a shared component's weights."""
+    from .zoo import component
+
+    def require(name: str) -> dict[str, torch.Tensor]:
+        return load_state_dict_file(
+            resolve_file(name, component(name), cache_dir=cache_dir, progress=progress)
+        )
+
+    return require
+
+
+def convert_checkpoint(
+    card: Any,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Any layout the family's converter knows -> native state dict (components fetched if needed)."""
+    return _converter(card.family)(dict(state_dict), _requirer(cache_dir, progress))
+
+
+def fetch_native(
+    card: Any, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
+) -> dict[str, torch.Tensor]:
+    """Obtain a model's released weights (first route that works), convert and cache them."""
+    if not card.weights:
+        raise WeightsNotFoundError(
+            f"{card.name} has no released weights; build it with pretrained=False "
+            "or pass checkpoint_path= to load your own"
+        )
+    failures = []
+    for route in card.weights:
+        try:
+            path = resolve_file(card.name, route.files, cache_dir=cache_dir, progress=progress)
+            state = _converter(route.converter)(
+                load_state_dict_file(path), _requirer(cache_dir, progress)
+            )
+        except WeightsNotFoundError as exc:
+            failures.append(str(exc))
+            continue
+        save_state_dict_file(state, native_checkpoint_path(card, cache_dir))
+        return state
+    tried = "\n\n".join(f"Option {i + 1}: {f}" for i, f in enumerate(failures))
+    raise WeightsNotFoundError(
+        f"no weights for {card.name} could be found or downloaded. Any one option below is enough; "
+        f"or convert a file you have with `promptseg convert {card.name} FILE`.\n\n{tried}"
+    )
+
+
+def load_native_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], origin: str):
+    """Strict load that names missing, unexpected and wrongly shaped keys instead of a torch error."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    )
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+        if keys
+    ]
+    if problems:
+        raise CheckpointFormatError(
+            f"{origin} does not fit {type(model).__name__}: "
+            + "; ".join(problems)
+            + ". Is it a checkpoint of another variant (e.g. a different reduce_dim / head)?"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def load_pretrained(
+    model: torch.nn.Module,
+    card: Any,
+    *,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> None:
+    """Load weights into `model`: checkpoint_path > converted cache > hub > URL (design §4)."""
+    if checkpoint_path is not None:
+        origin = str(checkpoint_path)
+        state = convert_checkpoint(
+            card, load_state_dict_file(checkpoint_path), cache_dir=cache_dir, progress=progress
+        )
+    else:
+        native = native_checkpoint_path(card, cache_dir)
+        origin = str(native)
+        if native.is_file():
+            state = load_state_dict_file(native)
+        else:
+            state = fetch_native(card, cache_dir=cache_dir, progress=progress)
+    load_native_state_dict(model, state, origin)

@@ -1,0 +1,62 @@
+"""Shared test helpers: a random transformers CLIPSeg and its promptseg twin."""
+
+from __future__ import annotations
+
+import torch
+
+from promptseg.convert.clipseg import hf_to_native
+from promptseg.zoo import build_model, model_info
+
+TINY = dict(vision=(64, 4, 4), text=(32, 2, 4), proj=32, taps=[1, 2, 3], reduce=16, ffn=64)
+FULL = dict(vision=(768, 12, 12), text=(512, 12, 8), proj=512, taps=[3, 6, 9], reduce=64, ffn=2048)
+
+
+def hf_model(spec: dict, refined: bool, reduce_dim: int | None = None):
+    """A random transformers CLIPSeg with perturbed LayerNorms/biases and a scaled head."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+    from transformers.models.clipseg.configuration_clipseg import (
+        CLIPSegTextConfig,
+        CLIPSegVisionConfig,
+    )
+
+    vw, vl, vh = spec["vision"]
+    tw, tl, th = spec["text"]
+    cfg = CLIPSegConfig(
+        text_config=CLIPSegTextConfig(
+            hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl, num_attention_heads=th
+        ).to_dict(),
+        vision_config=CLIPSegVisionConfig(
+            hidden_size=vw,
+            intermediate_size=4 * vw,
+            num_hidden_layers=vl,
+            num_attention_heads=vh,
+            patch_size=16,
+            image_size=224,
+        ).to_dict(),
+        projection_dim=spec["proj"],
+        extract_layers=spec["taps"],
+        reduce_dim=reduce_dim or spec["reduce"],
+        decoder_num_attention_heads=4,
+        decoder_intermediate_size=spec["ffn"],
+        use_complex_transposed_convolution=refined,
+    )
+    torch.manual_seed(0)
+    model = CLIPSegForImageSegmentation(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.05 * torch.randn_like(p))
+        for p in model.decoder.transposed_convolution.parameters():
+            p.mul_(40.0)
+    return model
+
+
+def ours_from(hf, name: str, config_overrides: dict | None = None):
+    card = model_info(name)
+    if config_overrides:
+        from dataclasses import replace
+
+        card = replace(card, config={**card.config, **config_overrides})
+    model = build_model(card).eval()
+    model.load_state_dict(hf_to_native(hf.state_dict()), strict=True)
+    return model

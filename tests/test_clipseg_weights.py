@@ -1,0 +1,213 @@
+"""CLIPSeg weights: every source layout loads strictly; failures say what to do."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import huggingface_hub
+import pytest
+import torch
+
+from promptseg.convert.clipseg import convert_clipseg, official_to_native
+from promptseg.errors import CheckpointFormatError, WeightsNotFoundError
+from promptseg.weights import load_pretrained, native_checkpoint_path, save_state_dict_file
+from promptseg.zoo import build_model, create_model, model_info
+
+pytest.importorskip("transformers")
+from hf_clipseg import TINY, hf_model  # noqa: E402
+
+
+def official_decoder_dict(d: int, refined: bool, with_reduce: bool) -> dict[str, torch.Tensor]:
+    """A synthetic official decoder-only state dict: key names and shapes of spec §4.1."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    sd = {
+        "film_mul.weight": r(d, 512),
+        "film_mul.bias": r(d),
+        "film_add.weight": r(d, 512),
+        "film_add.bias": r(d),
+    }
+    if with_reduce:
+        sd.update({"reduce.weight": r(d, 768), "reduce.bias": r(d)})
+    if refined:
+        sd.update(
+            {
+                "trans_conv.0.weight": r(d, d, 3, 3),
+                "trans_conv.0.bias": r(d),
+                "trans_conv.2.weight": r(d, d // 2, 4, 4),
+                "trans_conv.2.bias": r(d // 2),
+                "trans_conv.4.weight": r(d // 2, 1, 4, 4),
+                "trans_conv.4.bias": r(1),
+            }
+        )
+    else:
+        sd.update({"trans_conv.weight": r(d, 1, 16, 16), "trans_conv.bias": r(1)})
+    for k in range(3):
+        sd[f"reduces.{k}.weight"], sd[f"reduces.{k}.bias"] = r(d, 768), r(d)
+        b = f"blocks.{k}."
+        sd.update(
+            {
+                b + "self_attn.in_proj_weight": r(3 * d, d),
+                b + "self_attn.in_proj_bias": r(3 * d),
+                b + "self_attn.out_proj.weight": r(d, d),
+                b + "self_attn.out_proj.bias": r(d),
+                b + "linear1.weight": r(2048, d),
+                b + "linear1.bias": r(2048),
+                b + "linear2.weight": r(d, 2048),
+                b + "linear2.bias": r(d),
+                b + "norm1.weight": r(d),
+                b + "norm1.bias": r(d),
+                b + "norm2.weight": r(d),
+                b + "norm2.bias": r(d),
+            }
+        )
+    return sd
+
+
+@pytest.mark.parametrize(
+    "name,d,refined,with_reduce,n_keys",
+    [
+        ("clipseg_vitb16_rd64.uni", 64, False, False, 48),
+        ("clipseg_vitb16_rd64.refined", 64, True, True, 54),
+        ("clipseg_vitb16_rd16.uni", 16, False, True, 50),
+    ],
+)
+def test_official_decoder_only_file_loads_strictly(name, d, refined, with_reduce, n_keys):
+    sd = official_decoder_dict(d, refined, with_reduce)
+    assert len(sd) == n_keys
+    model = build_model(model_info(name))
+    openai_clip = {
+        k[len("backbone.clip.") :]: v
+        for k, v in model.state_dict().items()
+        if k.startswith("backbone.clip.")
+    }
+    native = official_to_native(sd, require=lambda component: openai_clip)
+    model.load_state_dict(native, strict=True)
+    torch.testing.assert_close(
+        model.head.blocks[1].qkv.weight, sd["blocks.1.self_attn.in_proj_weight"]
+    )
+    torch.testing.assert_close(model.head.reduces[0].bias, sd["reduces.0.bias"])
+
+
+def tiny_clip_openai_names() -> dict[str, torch.Tensor]:
+    model = build_model(model_info("clipseg_test_tiny"))
+    return {
+        k[len("backbone.clip.") :]: v
+        for k, v in model.state_dict().items()
+        if k.startswith("backbone.clip.")
+    }
+
+
+def test_decoder_only_checkpoint_fetches_clip_component_from_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROMPTSEG_OFFLINE", "1")
+    clip = tiny_clip_openai_names()
+    save_state_dict_file(clip, tmp_path / "openai_clip_vitb16" / "open_clip_model.safetensors")
+    hf = hf_model(TINY, refined=True)
+    decoder = {k: v for k, v in convert_clipseg(hf.state_dict()).items() if k.startswith("head.")}
+    official = {}  # native head keys back to official names, as the released files have them
+    for k, v in decoder.items():
+        k = (
+            k[len("head.") :]
+            .replace("upsample", "trans_conv")
+            .replace(".qkv.", ".self_attn.in_proj_")
+        )
+        k = k.replace(".proj.", ".self_attn.out_proj.").replace(".fc1.", ".linear1.")
+        official[k.replace(".fc2.", ".linear2.")] = v
+    path = tmp_path / "rd-tiny.pth"
+    torch.save(official, path)
+    model = create_model("clipseg_test_tiny", checkpoint_path=path, cache_dir=tmp_path)
+    torch.testing.assert_close(model.backbone.clip.visual.conv1.weight, clip["visual.conv1.weight"])
+    torch.testing.assert_close(model.head.film_mul.weight, hf.decoder.film_mul.weight)
+
+
+def test_transformers_save_pretrained_directory_loads(tmp_path):
+    hf = hf_model(TINY, refined=True)
+    hf.save_pretrained(tmp_path / "hf")
+    model = create_model("clipseg_test_tiny", checkpoint_path=tmp_path / "hf")
+    ids = model.backbone.tokenize(["a cup"])
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+        ours = model.decode(model.encode_image(pixels), model.backbone.encode_text(ids))
+    torch.testing.assert_close(
+        ours, theirs, atol=1e-4 * max(1, theirs.abs().max().item()), rtol=1e-5
+    )
+
+
+def test_hub_download_is_converted_once_and_cached(tmp_path, monkeypatch):
+    hf = hf_model(TINY, refined=True)
+    hf.save_pretrained(tmp_path / "hub")
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        return str(tmp_path / "hub" / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    released = model_info("clipseg_vitb16_rd64.refined")
+    card = replace(model_info("clipseg_test_tiny"), name="tiny.fakehub", weights=released.weights)
+    model = build_model(card)
+    load_pretrained(model, card, cache_dir=tmp_path / "cache", progress=False)
+    assert calls == [("CIDAS/clipseg-rd64-refined", "model.safetensors")]
+    assert native_checkpoint_path(card, tmp_path / "cache").is_file()
+    load_pretrained(build_model(card), card, cache_dir=tmp_path / "cache", progress=False)
+    assert len(calls) == 1  # second load: converted cache, no hub call
+    torch.testing.assert_close(model.head.film_add.bias, hf.decoder.film_add.bias)
+
+
+def test_offline_miss_names_every_source_and_the_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PROMPTSEG_OFFLINE", "1")
+    card = replace(
+        model_info("clipseg_test_tiny"), weights=model_info("clipseg_vitb16_rd16").weights
+    )
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_pretrained(build_model(card), card, cache_dir=tmp_path, progress=False)
+    text = str(err.value)
+    assert "CIDAS/clipseg-rd16" in text and "owncloud" in text and "rd16-uni.pth" in text
+    assert str(tmp_path) in text and "promptseg convert" in text
+
+
+def test_no_released_weights_says_use_pretrained_false():
+    with pytest.raises(WeightsNotFoundError, match="pretrained=False"):
+        create_model("clipseg_test_tiny")
+
+
+def test_bad_checkpoints_raise_named_errors(tmp_path):
+    good = convert_clipseg(hf_model(TINY, refined=True).state_dict())
+    missing = dict(good)
+    del missing["head.film_mul.weight"]
+    wrong = dict(good)
+    wrong["head.film_add.weight"] = torch.zeros(3, 3)
+    for state, pattern in [
+        (missing, r"missing \(1\): head.film_mul.weight"),
+        (wrong, r"head.film_add.weight \(3, 3\)"),
+        ({**good, "decoder.extra": torch.zeros(1)}, "unexpected"),
+        ({"foo.weight": torch.zeros(1)}, "unknown CLIPSeg checkpoint layout"),
+        ({"visual.conv1.weight": torch.zeros(1)}, "plain CLIP checkpoint"),
+    ]:
+        path = tmp_path / "ckpt.safetensors"
+        save_state_dict_file(state, path)
+        with pytest.raises(CheckpointFormatError, match=pattern):
+            create_model("clipseg_test_tiny", checkpoint_path=path)
+    # the wrong variant: an rd16 decoder into an rd64 model
+    sd = official_decoder_dict(16, False, True)
+    model = build_model(model_info("clipseg_vitb16_rd64.uni"))
+    with pytest.raises(CheckpointFormatError, match="shape"):
+        from promptseg.weights import load_native_state_dict
+
+        load_native_state_dict(
+            model,
+            {
+                **model.state_dict(),
+                **{
+                    k: v
+                    for k, v in official_to_native(sd, require=lambda c: {}).items()
+                    if k.startswith("head.")
+                },
+            },
+            "rd16-uni.pth",
+        )
