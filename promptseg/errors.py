@@ -12,7 +12,7 @@ class UnsupportedPromptError(PromptsegError, TypeError):
 
 
 class WeightsNotFoundError(PromptsegError, FileNotFoundError):
-    """A weight file is neither given, cached, nor downloadable; the message says where to put it."""
+    """A weight file is neither given, cached nor downloadable; the message says where to put it."""
 
 
 class ChecksumError(PromptsegError, ValueError):

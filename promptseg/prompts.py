@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +136,7 @@ class Vocabulary:
         return [c[0] for c in self.classes]
 
 
-Prompt = Union[TextPrompt, VisualPrompt, MixedPrompt, SupportSet, Vocabulary]
+Prompt = TextPrompt | VisualPrompt | MixedPrompt | SupportSet | Vocabulary
 _PROMPT_TYPES = (TextPrompt, VisualPrompt, MixedPrompt, SupportSet, Vocabulary)
 _ARRAYS = (np.ndarray, torch.Tensor, Image.Image)
 

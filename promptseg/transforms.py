@@ -37,7 +37,7 @@ def preprocess(
 
 
 def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a bool/int mask [..., H, W] to `size` (labels are never blended)."""
+    """Nearest-neighbour resize of a bool/int mask [..., H, W] (labels are never blended)."""
     if tuple(mask.shape[-2:]) == tuple(size):
         return mask
     lead = mask.shape[:-2]

@@ -548,7 +548,7 @@ def convert_checkpoint(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Any layout the family's converter knows -> native state dict (components fetched if needed)."""
+    """Any layout the family's converter knows -> native state dict (fetching components)."""
     return _converter(card.family)(dict(state_dict), _requirer(cache_dir, progress))
 
 
@@ -581,7 +581,7 @@ def fetch_native(
 
 
 def load_native_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], origin: str):
-    """Strict load that names missing, unexpected and wrongly shaped keys instead of a torch error."""
+    """Strict load naming missing, unexpected and wrongly shaped keys (not a torch error)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

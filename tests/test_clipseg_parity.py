@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from promptseg.testing.clipseg import FULL, TINY, hf_model, ours_from
 
-from hf_clipseg import FULL, TINY, hf_model, ours_from  # noqa: E402
+pytest.importorskip("transformers")
 
 
 def assert_logits_close(ours: torch.Tensor, theirs: torch.Tensor) -> None:

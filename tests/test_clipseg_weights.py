@@ -14,7 +14,7 @@ from promptseg.weights import load_pretrained, native_checkpoint_path, save_stat
 from promptseg.zoo import build_model, create_model, model_info
 
 pytest.importorskip("transformers")
-from hf_clipseg import TINY, hf_model  # noqa: E402
+from promptseg.testing.clipseg import TINY, hf_model
 
 
 def official_decoder_dict(d: int, refined: bool, with_reduce: bool) -> dict[str, torch.Tensor]:

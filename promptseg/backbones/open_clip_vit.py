@@ -71,7 +71,7 @@ class OpenCLIPViT(nn.Module):
         self.clip.requires_grad_(False)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch + CLS embedding with the position table resized to the input's grid, after ln_pre."""
+        """Patch + CLS tokens plus the position table resized to the input's grid, after ln_pre."""
         v = self.clip.visual
         h, w = pixels.shape[-2:]
         if h != w:

@@ -38,8 +38,8 @@ def rename_keys(
 def pack_qkv(state_dict: StateDict, q_pattern: str, target: str) -> StateDict:
     """Concatenate split `...q_proj...` / `k_proj` / `v_proj` tensors into one packed qkv tensor.
 
-    `q_pattern` is a regex with a `(q)` group marking the letter, e.g. r"(.*)\\.(q)_proj\\.(weight|bias)";
-    `target` is the replacement for the packed key, using the other groups (e.g. r"\\1.qkv.\\3").
+    `q_pattern` is a regex whose group 2 is the letter q, e.g. `(.*)\\.(q)_proj\\.(weight|bias)`;
+    `target` is the replacement for the packed key, e.g. `\\1.qkv.\\3`.
     """
     pattern = re.compile(q_pattern)
     out = dict(state_dict)

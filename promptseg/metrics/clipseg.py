@@ -1,8 +1,9 @@
 """CLIPSeg's fixed-interval metrics (spec benchmarks.md §3.6, clipseg.md §6.1), pure numpy.
 
 Per sample, tp/fp/fn/tn are counted at the 49 thresholds `np.linspace(0, 1, 51)[1:-1]` with a strict
-`p > t`. From the int64 sums: IoU_FG, per-"class" mIoU and IoU_BIN (all with +1 in every denominator), and
-AP integrated with SciPy < 1.11's Simpson rule (`even='avg'`), re-implemented here as `simpson_avg`.
+`p > t`. From the int64 sums: IoU_FG, per-"class" mIoU and IoU_BIN (all with +1 in every
+denominator), and AP integrated with SciPy < 1.11's Simpson rule (`even='avg'`), re-implemented here
+as `simpson_avg`.
 """
 
 from __future__ import annotations
@@ -20,16 +21,16 @@ __all__ = [
     "simpson_avg",
 ]
 
-#: The reference's threshold grid: 0.02, 0.04, ..., 0.98 (49 values, float64, exactly as np.linspace gives).
+#: The reference's threshold grid 0.02, 0.04, ..., 0.98 (49 float64 values, as np.linspace gives).
 THRESHOLDS: np.ndarray = np.linspace(0, 1, 51)[1:-1]
 
-# The reference's probability maps are float32 torch tensors, and torch compares a float32 tensor with a
-# float64 threshold in float32; so maps and thresholds are compared in float32 here too.
+# The reference's probability maps are float32 torch tensors, and torch compares a float32 tensor
+# with a float64 threshold in float32; so maps and thresholds are compared in float32 here too.
 _DTYPE = np.float32
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU by duck typing (no torch import)."""
+    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "numpy"):
@@ -52,14 +53,18 @@ def _binary(x: Any, name: str) -> np.ndarray:
 
 
 def sigmoid(x: Any) -> np.ndarray:
-    """Numerically stable logistic function in float32 (the reference applies torch.sigmoid to fp32 logits)."""
+    """Logistic function in float32, 1 / (1 + exp(-x)) as torch.sigmoid computes it on fp32 logits.
+
+    numpy's and torch's float32 exp differ in the last bit for some inputs, so values can differ by
+    1 ulp from torch; for bit-parity pass torch's own sigmoid output with `sigmoid=False`.
+    """
     z = _to_numpy(x).astype(_DTYPE)
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1 / (1 + e), e / (1 + e)).astype(_DTYPE)
+    with np.errstate(over="ignore"):
+        return (_DTYPE(1) / (_DTYPE(1) + np.exp(-z))).astype(_DTYPE)
 
 
 def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Source indices and weights of 1-D linear interpolation with align_corners=True (torch's CPU rule)."""
+    """Source indices and weights of 1-D linear interpolation, align_corners=True (torch CPU)."""
     scale = _DTYPE(n_in - 1) / _DTYPE(n_out - 1) if n_out > 1 else _DTYPE(0)
     src = scale * np.arange(n_out, dtype=_DTYPE)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
@@ -69,11 +74,22 @@ def _linear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return i0, i1, w0, w1
 
 
+def _fma_lerp(a0: np.ndarray, w0: np.ndarray, a1: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """float32 a0*w0 + a1*w1 as fma(a0, w0, a1*w1), the order torch's CPU kernel compiles to.
+
+    The fused multiply-add is emulated in float64 (a float32 product is exact there).
+    """
+    b = (a1 * w1).astype(_DTYPE)
+    return (a0.astype(np.float64) * w0 + b).astype(_DTYPE)
+
+
 def resize_bilinear_align_corners(x: Any, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of the last two axes to `size` = (H, W) with align_corners=True, in float32.
 
-    Same sampling rule as torch `interpolate(mode='bilinear', align_corners=True)`, which CLIPSeg's evaluation
-    applies to the sigmoid map before thresholding; leading axes are kept.
+    Same sampling rule and arithmetic order as torch's CPU `interpolate(mode='bilinear',
+    align_corners=True)`, which CLIPSeg's evaluation applies to the sigmoid map before thresholding:
+    bit-identical to torch 2.x on x86 for e.g. 88 -> 352, within 1 ulp otherwise. Leading axes are
+    kept.
     """
     a = _to_numpy(x).astype(_DTYPE)
     if a.ndim < 2:
@@ -85,13 +101,13 @@ def resize_bilinear_align_corners(x: Any, size: tuple[int, int]) -> np.ndarray:
     c0, c1, ww0, ww1 = _linear_taps(a.shape[-1], w_out)
     top = a[..., r0, :]
     bot = a[..., r1, :]
-    top = ww0 * top[..., c0] + ww1 * top[..., c1]
-    bot = ww0 * bot[..., c0] + ww1 * bot[..., c1]
-    return (hw0[:, None] * top + hw1[:, None] * bot).astype(_DTYPE)
+    top = _fma_lerp(top[..., c0], ww0, top[..., c1], ww1)
+    bot = _fma_lerp(bot[..., c0], ww0, bot[..., c1], ww1)
+    return _fma_lerp(top, hw0[:, None], bot, hw1[:, None])
 
 
 def _simpson_basic(y: np.ndarray, x: np.ndarray, start: int, stop: int) -> float:
-    """Composite Simpson on panels starting at k = start, start+2, ... < stop; divisions by 0 give 0."""
+    """Composite Simpson over panels k = start, start+2, ... < stop; division by 0 gives 0."""
     k = np.arange(start, stop, 2)
     if k.size == 0:
         return 0.0
@@ -107,11 +123,12 @@ def _simpson_basic(y: np.ndarray, x: np.ndarray, start: int, stop: int) -> float
 
 
 def simpson_avg(y: Any, x: Any) -> float:
-    """Integral of y over x by SciPy < 1.11 `simps(y, x)` (default even='avg'), which CLIPSeg's AP used.
+    """Integral of y over x as SciPy < 1.11 `simps(y, x)` (even='avg') computed it for CLIPSeg's AP.
 
-    Odd N: composite Simpson. Even N: mean of (Simpson on the first N-1 points + trapezoid on the last
-    interval) and (trapezoid on the first interval + Simpson on the last N-1 points). N = 0 or 1 gives 0.
-    SciPy >= 1.11 changed the even-N rule and 1.14 removed `simps`, hence this re-implementation.
+    Odd N: composite Simpson. Even N: mean of (Simpson on the first N-1 points + trapezoid on the
+    last interval) and (trapezoid on the first interval + Simpson on the last N-1 points). N = 0 or
+    1 gives 0. SciPy >= 1.11 changed the even-N rule and 1.14 removed `simps`, hence this
+    re-implementation.
     """
     yy = np.asarray(y, dtype=np.float64).ravel()
     xx = np.asarray(x, dtype=np.float64).ravel()
@@ -134,12 +151,13 @@ def _iou(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
 
 
 class FixedIntervalMetrics:
-    """Accumulates CLIPSeg's per-threshold tp/fp/fn/tn (int64) and derives IoU_FG, mIoU, IoU_BIN and AP.
+    """Accumulates CLIPSeg's per-threshold tp/fp/fn/tn (int64); derives IoU_FG, mIoU, IoU_BIN, AP.
 
-    `update` takes probabilities (or logits with `sigmoid=True`) and a binary GT. With `resize_pred=True`
-    the probability map is resized bilinearly (align_corners=True, numpy implementation in this module) to
-    the GT size after the sigmoid, as the reference does; otherwise shapes must already match.
-    Maps are compared with the thresholds in float32, like the reference's torch tensors.
+    `update` takes probabilities (or logits with `sigmoid=True`) and a binary GT. With
+    `resize_pred=True` the probability map is resized bilinearly (align_corners=True, numpy
+    implementation in this module) to the GT size after the sigmoid, as the reference does;
+    otherwise shapes must already match. Maps are compared with the thresholds in float32, like the
+    reference's torch tensors.
     """
 
     def __init__(
@@ -165,7 +183,7 @@ class FixedIntervalMetrics:
     # ------------------------------------------------------------------ accumulation
 
     def sample_counts(self, pred: Any, gt: Any, ignore: Any | None = None) -> np.ndarray:
-        """Counts of one sample, int64 [T, 4] (tp, fp, fn, tn per threshold), without accumulating them."""
+        """Counts of one sample, int64 [T, 4] (tp, fp, fn, tn per threshold), not accumulated."""
         p = _to_numpy(pred)
         if self.sigmoid:
             p = sigmoid(p)
@@ -203,10 +221,10 @@ class FixedIntervalMetrics:
         class_id: Hashable | None = None,
         ignore: Any | None = None,
     ) -> None:
-        """Add one sample: probability (or logit) map `pred`, binary `gt`, optional `ignore` (True = excluded).
+        """Add one sample: probability (or logit) map `pred`, binary `gt`, optional `ignore` mask.
 
-        `class_id` groups samples for mIoU (Pascal/COCO: the episode class). None makes the sample a class
-        of its own, which is PhraseCut's convention (mIoU = mean per-phrase IoU).
+        `class_id` groups samples for mIoU (Pascal/COCO: the episode class). None makes the sample a
+        class of its own, which is PhraseCut's convention (mIoU = mean per-phrase IoU).
         """
         counts = self.sample_counts(pred, gt, ignore)
         self._add(counts, class_id)
@@ -266,17 +284,18 @@ class FixedIntervalMetrics:
         return 0.5 * _iou(tp, fp, fn) + 0.5 * _iou(tn, fn, fp)
 
     def mean_iou(self) -> np.ndarray:
-        """mIoU per threshold: mean over classes of TP_c / (1 + TP_c + FP_c + FN_c); NaN if no samples."""
+        """mIoU per threshold: mean over classes of TP_c / (1 + TP_c + FP_c + FN_c), NaN if none."""
         g = self._group_counts()
         if g.shape[0] == 0:
             return np.full(self.thresholds.size, np.nan)
         return _iou(g[..., 0], g[..., 1], g[..., 2]).mean(axis=0)
 
     def pr_curve(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(recall, precision, ties): de-duplicated pairs of thresholds with TP + FP > 0, sorted by recall.
+        """(recall, precision, ties): unique pairs of thresholds with TP + FP > 0, sorted by recall.
 
-        Pairs with equal recall are ordered by precision ascending (the reference leaves this to set order);
-        `ties` says whether that happened, in which case AP may differ from the reference in rare cases.
+        Pairs with equal recall are ordered by precision ascending (the reference leaves this to set
+        order); `ties` says whether that happened, in which case AP may differ from the reference in
+        rare cases.
         """
         tp, fp, fn, _ = self.total.T
         made = (tp + fp) > 0
@@ -291,7 +310,7 @@ class FixedIntervalMetrics:
         return r, p, ties
 
     def ap(self) -> float:
-        """Area under the precision-recall curve with the old SciPy Simpson rule (0.0 if nothing predicted)."""
+        """Area under the PR curve by the old SciPy Simpson rule (0.0 if nothing is predicted)."""
         r, p, _ = self.pr_curve()
         return simpson_avg(p, r)
 
@@ -306,7 +325,7 @@ class FixedIntervalMetrics:
         return int(hits[0])
 
     def value_at(self, t: float) -> dict[str, float]:
-        """IoU_FG, mIoU and IoU_BIN at a fixed threshold t of the grid (paper settings: 0.3 or 0.1)."""
+        """IoU_FG, mIoU and IoU_BIN at a fixed grid threshold t (paper settings: 0.3 or 0.1)."""
         i = self._index_of(t)
         return {
             "threshold": float(self.thresholds[i]),
@@ -316,10 +335,10 @@ class FixedIntervalMetrics:
         }
 
     def best(self) -> dict[str, float | bool]:
-        """ORACLE numbers: the maximum over thresholds of each metric and the (first) threshold reaching it.
+        """ORACLE numbers: each metric's maximum over thresholds and the first threshold for it.
 
-        The threshold is chosen on the evaluated data itself, so these are not fair test numbers; the dict
-        carries `oracle: True` so reports can label them.
+        The threshold is chosen on the evaluated data itself, so these are not fair test numbers;
+        the dict carries `oracle: True` so reports can label them.
         """
         out: dict[str, float | bool] = {"oracle": True}
         for name, curve in (
@@ -337,7 +356,7 @@ class FixedIntervalMetrics:
         return out
 
     def compute(self, thresholds: Sequence[float] = (0.1, 0.2, 0.3, 0.5)) -> dict[str, Any]:
-        """All summary numbers (fractions, not ×100): ap, ap_ties, <metric>_<t> per fixed t, oracle bests."""
+        """All summary numbers (fractions): ap, ap_ties, <metric>_<t> per fixed t, oracle bests."""
         _, _, ties = self.pr_curve()
         res: dict[str, Any] = {"ap": self.ap(), "ap_ties": ties, "n_samples": self.n_samples}
         for t in thresholds:
@@ -350,7 +369,7 @@ class FixedIntervalMetrics:
     # ------------------------------------------------------------------ raw accumulators
 
     def state_dict(self) -> dict[str, Any]:
-        """Raw int64 accumulators: totals [T, 4], per-class counts [C, T, 4] and per-sample counts [N, T, 4]."""
+        """Raw int64 counts: totals [T, 4], per class [C, T, 4], per anonymous sample [N, T, 4]."""
         n_t = self.thresholds.size
         return {
             "n_values": self.n_values,
@@ -393,7 +412,7 @@ class FixedIntervalMetrics:
         return ev
 
     def merge(self, other: FixedIntervalMetrics) -> FixedIntervalMetrics:
-        """Add another shard's counts into self (classes with equal ids are summed; samples appended)."""
+        """Add another shard's counts into self (equal class ids are summed, samples appended)."""
         if other.n_values != self.n_values:
             raise ValueError("cannot merge metrics with different threshold grids")
         self.total += other.total

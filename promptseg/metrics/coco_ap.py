@@ -1,8 +1,8 @@
-"""COCO mask (or box) AP by calling pycocotools' COCOeval, fed as spec benchmarks.md §3.3 prescribes.
+"""COCO mask (or box) AP by calling pycocotools' COCOeval, fed as benchmarks.md §3.3 prescribes.
 
-pycocotools is the reference, so it is not re-implemented: this module only prepares the inputs (drops
-`bbox` from segm results, str RLE counts, no mutation of the caller's dicts), silences its printing and
-returns the 12 summary statistics by name, ×100 as detectron2 reports them.
+pycocotools is the reference, so it is not re-implemented: this module only prepares the inputs
+(drops `bbox` from segm results, str RLE counts, no mutation of the caller's dicts), silences its
+printing and returns the 12 summary statistics by name, ×100 as detectron2 reports them.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def _prepare_detection(det: Mapping[str, Any], iou_type: str) -> dict[str, Any]:
     if iou_type == "segm":
         if seg is None:
             raise ValueError("segm detections need a 'segmentation' (COCO RLE)")
-        # With a bbox present, loadRes would take the detection's area from the box (APs/APm/APl change).
+        # With a bbox present, loadRes would take the detection's area from the box (APs/APm/APl
+        # change).
         d.pop("bbox", None)
     elif iou_type == "bbox" and "bbox" not in d:
         if seg is None:
@@ -67,14 +68,14 @@ def coco_mask_ap(
     img_ids: Iterable[Any] | None = None,
     verbose: bool = False,
 ) -> dict[str, float | bool]:
-    """COCOeval summary for `detections` against the COCO-format ground truth `gt_coco` (dict or json path).
+    """COCOeval summary of `detections` against COCO-format ground truth `gt_coco` (dict or path).
 
     Detections: dicts with image_id, category_id (dataset id), score and `segmentation` as COCO RLE
-    ({"size": [H, W], "counts": str}) at original image size. `cat_ids` / `img_ids` restrict the evaluation
-    (e.g. the 20 COCO-NOVEL ids). Returns the 12 stats by name in percent; a stat that COCOeval leaves
-    undefined (−1: no GT in that area range) becomes NaN, as in detectron2. An empty detection list gives
-    0.0 everywhere and `empty_predictions: True` without calling pycocotools (it fails on empty input).
-    pycocotools' printing is suppressed unless `verbose`.
+    ({"size": [H, W], "counts": str}) at original image size. `cat_ids` / `img_ids` restrict the
+    evaluation (e.g. the 20 COCO-NOVEL ids). Returns the 12 stats by name in percent; a stat that
+    COCOeval leaves undefined (−1: no GT in that area range) becomes NaN, as in detectron2. An empty
+    detection list gives 0.0 everywhere and `empty_predictions: True` without calling pycocotools
+    (it fails on empty input). pycocotools' printing is suppressed unless `verbose`.
     """
     if iou_type not in ("segm", "bbox"):
         raise ValueError(f"iou_type must be 'segm' or 'bbox', not {iou_type!r}")
@@ -99,6 +100,9 @@ def coco_mask_ap(
             gt = COCO()
             gt.dataset = data
             gt.createIndex()
+        unknown = {r["image_id"] for r in results} - set(gt.getImgIds())
+        if unknown:
+            raise ValueError(f"detections refer to image ids not in the GT: {sorted(unknown)[:5]}")
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iouType=iou_type)
         if cat_ids is not None:

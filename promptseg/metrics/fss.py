@@ -1,7 +1,7 @@
 """Few-shot segmentation mIoU and FB-IoU with HSNet's protocol (spec benchmarks.md §3.1).
 
-Per-class integer accumulators of foreground/background intersection and union, keyed by the episode's
-class (not by episode). Pure numpy, int64; shards can be merged exactly.
+Per-class integer accumulators of foreground/background intersection and union, keyed by the
+episode's class (not by episode). Pure numpy, int64; shards can be merged exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["FewShotSegEvaluator"]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU by duck typing (no torch import)."""
+    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "numpy"):
@@ -28,7 +28,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def _binary(x: Any, name: str) -> np.ndarray:
-    """Convert a bool or 0/1 array to bool; any other value is an error (the reference drops it silently)."""
+    """Convert a bool or 0/1 array to bool; other values are an error (the reference drops them)."""
     a = _to_numpy(x)
     if a.dtype == np.bool_:
         return a
@@ -40,10 +40,11 @@ def _binary(x: Any, name: str) -> np.ndarray:
 class FewShotSegEvaluator:
     """HSNet-style few-shot mIoU / FB-IoU over a fixed list of fold classes.
 
-    `inter[b, k]` / `union[b, k]` (b = 0 background, 1 foreground; k = position of the class in `class_ids`)
-    are summed over all episodes of that class. Class IoU = inter_fg / max(union_fg, 1), so a class that is
-    never sampled (or never has foreground in GT or prediction) scores 0 and still counts in the mean.
-    All returned metrics are percentages (×100), as in the spec's worked examples.
+    `inter[b, k]` / `union[b, k]` (b = 0 background, 1 foreground; k = position of the class in
+    `class_ids`) are summed over all episodes of that class. Class IoU is
+    inter_fg / max(union_fg, 1), so a class never sampled (or never foreground in GT or prediction)
+    scores 0 and still counts in the mean. Returned metrics are percentages (×100), as in the
+    spec's worked examples.
     """
 
     def __init__(self, class_ids: Iterable[int]) -> None:
@@ -61,8 +62,9 @@ class FewShotSegEvaluator:
     def update(self, pred: Any, gt: Any, class_id: int, ignore: Any | None = None) -> None:
         """Add one episode: binary `pred` and `gt` (same shape) of class `class_id`.
 
-        `ignore` (bool, True = excluded) removes pixels from every count, e.g. PASCAL's 255 boundary on the
-        query. Like the reference, an ignored pixel must not be GT foreground (ValueError otherwise).
+        `ignore` (bool, True = excluded) removes pixels from every count, e.g. PASCAL's 255 boundary
+        on the query. Like the reference, an ignored pixel must not be GT foreground (ValueError
+        otherwise).
         """
         p = _binary(pred, "pred")
         g = _binary(gt, "gt")
@@ -87,7 +89,8 @@ class FewShotSegEvaluator:
         pred_fg = int(np.count_nonzero(p))
         gt_fg = int(np.count_nonzero(g))
         union_fg = pred_fg + gt_fg - inter_fg
-        # Background = valid pixels that are 0 in pred (resp. gt): inclusion-exclusion on the complement.
+        # Background = valid pixels that are 0 in pred (resp. gt): inclusion-exclusion on the
+        # complement.
         inter_bg = n_valid - union_fg
         union_bg = n_valid - inter_fg
         self.inter[:, k] += (inter_bg, inter_fg)
@@ -95,7 +98,7 @@ class FewShotSegEvaluator:
         self.n_episodes[k] += 1
 
     def class_iou(self) -> np.ndarray:
-        """Foreground IoU per class (fraction), in `class_ids` order; max(union, 1) makes unsampled classes 0."""
+        """Foreground IoU per class (fraction, `class_ids` order); unsampled classes give 0."""
         return self.inter[1] / np.maximum(self.union[1], 1)
 
     def per_class(self) -> dict[int, float]:
@@ -107,7 +110,7 @@ class FewShotSegEvaluator:
         return float(100.0 * np.mean(self.class_iou()))
 
     def fbiou(self) -> float:
-        """Mean of background and foreground IoU pooled over the fold classes, in percent (NaN if a pool is 0)."""
+        """Mean of background and foreground IoU pooled over the fold classes, in percent."""
         inter = self.inter.sum(axis=1).astype(np.float64)
         union = self.union.sum(axis=1).astype(np.float64)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -131,7 +134,7 @@ class FewShotSegEvaluator:
         ]
 
     def state_dict(self) -> dict[str, list]:
-        """Raw integer accumulators as JSON-ready lists (rows of inter/union: background, foreground)."""
+        """Raw int accumulators as JSON-ready lists (inter/union rows: background, foreground)."""
         return {
             "class_ids": list(self.class_ids),
             "inter": self.inter.tolist(),

@@ -1,9 +1,7 @@
 """Panoptic quality (PQ, SQ, RQ) with panopticapi's exact rules (spec benchmarks.md §3.2).
 
-Per-image matching of GT and predicted segments (IoU > 0.5, VOID pixels leave the union, crowd and
-VOID excuse false positives), summed per category in int64 counters plus float IoU sums, so shards
-merge exactly.
-Results use panopticapi's structure and scale: fractions in [0, 1], not percentages.
+Per-category int64 tp/fp/fn and float IoU sums merge exactly across shards; results keep
+panopticapi's structure and scale (fractions in [0, 1], not percentages).
 """
 
 from __future__ import annotations
@@ -81,7 +79,10 @@ def _as_id_map(x: np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be an id map [H, W] or RGB [H, W, 3], got shape {a.shape}")
     if not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_):
         raise ValueError(f"{name} must have an integer dtype, got {a.dtype}")
-    return a.astype(np.int64)
+    a = a.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= OFFSET):
+        raise ValueError(f"{name}: segment ids must lie in [0, 2**24), got {a.min()}..{a.max()}")
+    return a
 
 
 def _category_table(categories: Categories) -> dict[Any, Mapping[str, Any]]:
@@ -175,11 +176,8 @@ class PQStat:
     def pq_average(
         self, categories: Categories, isthing: bool | None = None
     ) -> tuple[dict[str, float | int], dict[Any, dict[str, float]]]:
-        """panopticapi's average over the categories (things only, stuff only, or all if None).
-
-        Categories with tp + fp + fn = 0 are skipped (zeros per class); an empty selection gives
-        NaN with a warning where panopticapi divides by zero.
-        """
+        """panopticapi's mean over things / stuff / all (None) categories with tp + fp + fn > 0;
+        an empty selection gives NaN with a warning where panopticapi divides by zero."""
         table = _category_table(categories)
         pq = sq = rq = 0.0
         n = 0
@@ -229,11 +227,8 @@ def pq_stat_image(
     categories: Categories | Iterable[Any],
     image_id: Any = None,
 ) -> PQStat:
-    """PQ accumulators of one image from id maps ([H, W] ids or [H, W, 3] RGB) and `segments_info`.
-
-    GT areas come from the GT JSON ('area'), prediction areas from its pixels; the prediction must
-    match its JSON exactly and use known categories (GT is not checked, as in panopticapi).
-    """
+    """PQ accumulators of one image from id maps ([H, W] ids or [H, W, 3] RGB) and `segments_info`;
+    GT areas from the GT JSON, prediction areas from pixels, only the prediction is checked."""
     where = f"image {image_id!r}" if image_id is not None else "image"
     gt = _as_id_map(gt_id_map, "gt_id_map")
     pred = _as_id_map(pred_id_map, "pred_id_map")
@@ -351,11 +346,8 @@ def pq_compute(
     gt_folder: str | os.PathLike[str] | None = None,
     pred_folder: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Score a panopticapi-format prediction (JSON + PNG folder) against GT, as pq_compute does.
-
-    Returns {'All', 'Things', 'Stuff': {pq, sq, rq, n}, 'per_class': {category_id: {pq, sq, rq}}}
-    as fractions; the accumulators are available through `pq_stat_image` and `PQStat`.
-    """
+    """panopticapi's pq_compute: {'All', 'Things', 'Stuff': {pq, sq, rq, n}, 'per_class': {id: {pq,
+    sq, rq}}} as fractions, for a prediction JSON + PNG folder against the GT ones."""
     gt_json = _load_json(gt_json_file)
     pred_json = _load_json(pred_json_file)
     gt_dir = Path(gt_folder) if gt_folder is not None else _default_folder(gt_json_file)

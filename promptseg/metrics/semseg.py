@@ -1,7 +1,7 @@
-"""Semantic-segmentation mIoU with detectron2's SemSegEvaluator conventions (spec benchmarks.md §3.5).
+"""Semantic-segmentation mIoU with detectron2's SemSegEvaluator conventions (benchmarks.md §3.5).
 
-A dataset-level (K+1)×(K+1) int64 confusion matrix (rows = prediction, columns = GT, last index = ignore);
-classes absent from the GT are excluded from every mean. Pure numpy; shards merge exactly.
+A dataset-level (K+1)×(K+1) int64 confusion matrix (rows = prediction, columns = GT, last index =
+ignore); classes absent from the GT are excluded from every mean. Pure numpy; shards merge exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["SemSegEvaluator"]
 
 
 def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU by duck typing (no torch import)."""
+    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
     if isinstance(x, np.ndarray):
         return x
     if hasattr(x, "numpy"):
@@ -28,7 +28,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 class SemSegEvaluator:
-    """Dataset-level confusion matrix and the detectron2 metric dict (values ×100, NaN where undefined).
+    """Dataset-level confusion matrix and detectron2's metric dict (×100, NaN where undefined).
 
     `update` takes an integer prediction map (argmax, values 0..K-1) and an integer GT map where
     `ignore_label` (255, or 65535 for 16-bit GT) marks pixels that are not scored.
@@ -57,7 +57,7 @@ class SemSegEvaluator:
         self.confusion_matrix = np.zeros((k1, k1), dtype=np.int64)
 
     def update(self, pred: Any, gt: Any) -> None:
-        """Add one image: `pred` and `gt` integer label maps of the same shape (original resolution)."""
+        """Add one image: integer label maps `pred` and `gt` (same shape, original resolution)."""
         p = _to_numpy(pred)
         g = _to_numpy(gt)
         if p.shape != g.shape:
@@ -81,8 +81,9 @@ class SemSegEvaluator:
     def compute(self) -> dict[str, float]:
         """detectron2's result dict: mIoU, fwIoU, IoU-<name>, mACC, pACC, ACC-<name> (percent).
 
-        Per-class IoU/ACC are NaN for classes without GT pixels; those classes are left out of mIoU, fwIoU
-        and mACC (their false positives still lower the IoU of the true class). All NaN if no GT at all.
+        Per-class IoU/ACC are NaN for classes without GT pixels; those classes are left out of mIoU,
+        fwIoU and mACC (their false positives still lower the IoU of the true class). All NaN if no
+        GT at all.
         """
         cm = self.confusion_matrix[:-1, :-1].astype(np.float64)
         tp = np.diagonal(cm)
@@ -116,7 +117,7 @@ class SemSegEvaluator:
         return res
 
     def state_dict(self) -> dict[str, Any]:
-        """Raw accumulators: the int64 confusion matrix as a numpy array (save it as .npy) plus metadata."""
+        """Raw accumulators: the int64 confusion matrix (numpy; save it as .npy) plus metadata."""
         return {
             "num_classes": self.num_classes,
             "ignore_label": self.ignore_label,
@@ -125,7 +126,7 @@ class SemSegEvaluator:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Replace the confusion matrix by that of `state` (array or nested list; sizes must match)."""
+        """Replace the confusion matrix by that of `state` (array or nested list, same size)."""
         if int(state["num_classes"]) != self.num_classes:
             raise ValueError("state num_classes differs from this evaluator's")
         if int(state.get("ignore_label", self.ignore_label)) != self.ignore_label:

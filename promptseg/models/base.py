@@ -105,7 +105,8 @@ class PromptSegModel(nn.Module):
                     n for n in list_models(pretrained=True) if missing <= model_info(n).capabilities
                 ]
                 raise UnsupportedPromptError(
-                    f"{self.card.name} cannot take a {type(p).__name__} ({kind} prompt); it supports "
+                    f"{self.card.name} cannot take a {type(p).__name__} ({kind} prompt); "
+                    "it supports "
                     f"{sorted(self.capabilities & set().union(*_KIND_NEEDS.values()))}. "
                     f"Models that take {kind} prompts: {', '.join(able) or 'none yet'}"
                 )

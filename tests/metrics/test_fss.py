@@ -1,4 +1,4 @@
-"""Tests of promptseg.metrics.fss against the worked examples of benchmarks.md §3.1 and edge cases."""
+"""Tests of promptseg.metrics.fss: worked examples of benchmarks.md §3.1 and edge cases."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ needs_sample = pytest.mark.skipif(
     reason=f"panopticapi sample fixture not found at {SAMPLE} (../shared/data beside the checkout)",
 )
 
-# category set of the worked examples: 1 person (thing), 2 car (thing), 10 sky (stuff), 11 grass (stuff)
+# worked-example categories: 1 person (thing), 2 car (thing), 10 sky (stuff), 11 grass (stuff)
 CATS = {
     1: {"id": 1, "name": "person", "isthing": 1},
     2: {"id": 2, "name": "car", "isthing": 1},
@@ -54,7 +54,12 @@ def segments(
     pixels = dict(zip(ids.tolist(), counts.tolist(), strict=True))
     area = area or {}
     return [
-        {"id": i, "category_id": c, "iscrowd": int(i in crowd), "area": area.get(i, pixels.get(i, 0))}
+        {
+            "id": i,
+            "category_id": c,
+            "iscrowd": int(i in crowd),
+            "area": area.get(i, pixels.get(i, 0)),
+        }
         for i, c in cat_of.items()
     ]
 
@@ -260,8 +265,8 @@ def test_pqstat_merge_and_state_dict_roundtrip():
     assert restored.get(2)["fn"] == total.get(2)["fn"] + 3
     assert restored.get(99)["fn"] == 0
     with pytest.raises(ValueError):
-        PQStat().load_state_dict({"category_ids": [1, 1], "tp": [0, 0], "fp": [0, 0], "fn": [0, 0],
-                                  "iou": [0.0, 0.0]})  # fmt: skip
+        bad = {"category_ids": [1, 1], "tp": [0, 0], "fp": [0, 0], "fn": [0, 0], "iou": [0.0, 0.0]}
+        PQStat().load_state_dict(bad)
 
 
 # --- prediction sanity errors --------------------------------------------------------------------
@@ -270,7 +275,11 @@ def test_pqstat_merge_and_state_dict_roundtrip():
 def test_error_png_id_missing_from_json():
     with pytest.raises(PanopticFormatError, match="PNG but not in its JSON"):
         pq_stat_image(
-            PQ1_GT, segments(PQ1_GT, PQ1_GT_CATS), PQ1_PRED, segments(PQ1_PRED, {5: 1, 10: 10}), CATS
+            PQ1_GT,
+            segments(PQ1_GT, PQ1_GT_CATS),
+            PQ1_PRED,
+            segments(PQ1_PRED, {5: 1, 10: 10}),
+            CATS,
         )
 
 
@@ -303,6 +312,16 @@ def test_error_duplicate_prediction_segment():
 def test_error_size_mismatch():
     with pytest.raises(PanopticFormatError, match="size"):
         pq_stat_image(PQ1_GT, [], PQ1_PRED[:, :5], [], CATS)
+
+
+def test_error_invalid_ids_and_missing_gt_area():
+    with pytest.raises(ValueError, match="segment ids must lie"):
+        pq_stat_image(
+            np.full_like(PQ1_GT, -1), [], PQ1_PRED, segments(PQ1_PRED, PQ1_PRED_CATS), CATS
+        )
+    gt_segs = [{k: v for k, v in s.items() if k != "area"} for s in segments(PQ1_GT, PQ1_GT_CATS)]
+    with pytest.raises(PanopticFormatError, match="no 'area'"):
+        pq_stat_image(PQ1_GT, gt_segs, PQ1_PRED, segments(PQ1_PRED, PQ1_PRED_CATS), CATS)
 
 
 # --- pq_compute on files -------------------------------------------------------------------------
@@ -355,10 +374,13 @@ def test_pq_compute_files_match_worked_examples(tmp_path: Path):
     )
     expected.merge(
         pq_stat_image(
-            gt2, segments(gt2, {11: 11, 1: 1}, area={11: 6}), pred2, segments(pred2, {11: 11, 1: 1}),
+            gt2,
+            segments(gt2, {11: 11, 1: 1}, area={11: 6}),
+            pred2,
+            segments(pred2, {11: 11, 1: 1}),
             CATS,
         )
-    )  # fmt: skip
+    )
     assert r == pq_results(expected, CATS)
     assert set(r) == {"All", "Things", "Stuff", "per_class"}
     assert r["All"]["n"] == 4
@@ -397,8 +419,8 @@ def test_pq4_sample_fixture_layout():
     segs = [s for a in gt["annotations"] for s in a["segments_info"]]
     assert len(segs) == 50 and sum(s["iscrowd"] for s in segs) == 3
     for ann in gt["annotations"]:  # JSON areas equal PNG pixel counts
-        ids, counts = np.unique(read_id_png(SAMPLE / "panoptic_examples" / ann["file_name"]),
-                                return_counts=True)  # fmt: skip
+        id_map = read_id_png(SAMPLE / "panoptic_examples" / ann["file_name"])
+        ids, counts = np.unique(id_map, return_counts=True)
         pixels = dict(zip(ids.tolist(), counts.tolist(), strict=True))
         assert all(pixels[s["id"]] == s["area"] for s in ann["segments_info"])
 

@@ -1,4 +1,4 @@
-"""Tests of promptseg.metrics.semseg against the worked examples of benchmarks.md §3.5 and edge cases."""
+"""Tests of promptseg.metrics.semseg: worked examples of benchmarks.md §3.5 and edge cases."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Shared test helpers: a random transformers CLIPSeg and its promptseg twin."""
+"""A random transformers CLIPSeg and its promptseg twin on identical weights (parity, speed)."""
 
 from __future__ import annotations
 
 import torch
 
-from promptseg.convert.clipseg import hf_to_native
-from promptseg.zoo import build_model, model_info
+from ..convert.clipseg import hf_to_native
+from ..zoo import build_model, model_info
 
 TINY = dict(vision=(64, 4, 4), text=(32, 2, 4), proj=32, taps=[1, 2, 3], reduce=16, ffn=64)
 FULL = dict(vision=(768, 12, 12), text=(512, 12, 8), proj=512, taps=[3, 6, 9], reduce=64, ffn=2048)

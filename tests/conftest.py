@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny random CLIPSeg and small images; no test touches the network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path_factory):
+    """Never download in tests, and never read or write the user's cache."""
+    monkeypatch.setenv("PROMPTSEG_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PROMPTSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def tiny_clipseg():
+    import promptseg
+
+    return promptseg.create_model("clipseg_test_tiny", pretrained=False)
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(48, 80, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def box_mask() -> np.ndarray:
+    m = np.zeros((48, 80), dtype=bool)
+    m[10:30, 20:50] = True
+    return m

@@ -1,0 +1,100 @@
+"""The `promptseg` command on the tiny model (weights via --checkpoint), no network."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from promptseg.cli import build_parser, main
+from promptseg.weights import native_checkpoint_path, save_state_dict_file
+from promptseg.zoo import model_info
+
+
+@pytest.fixture
+def tiny_checkpoint(tiny_clipseg, tmp_path):
+    path = tmp_path / "tiny.safetensors"
+    save_state_dict_file(tiny_clipseg.state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def files(rgb, box_mask, tmp_path):
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    Image.fromarray(box_mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    return tmp_path / "img.png", tmp_path / "mask.png"
+
+
+def test_every_command_has_help(capsys):
+    for cmd in ["list", "info", "download", "convert", "segment"]:
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([cmd, "--help"])
+        assert exit_.value.code == 0
+        assert len(capsys.readouterr().out) > 100
+
+
+def test_list_and_info(capsys):
+    assert main(["list", "clipseg*", "--pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "clipseg_vitb16_rd64.refined" in out and "clipseg_test_tiny" not in out
+    assert main(["info", "clipseg_vitb16_rd64.uni"]) == 0
+    out = capsys.readouterr().out
+    assert "CIDAS/clipseg-rd64" in out and "mIoU 43.4" in out and "not downloaded" in out
+
+
+def test_segment_text_and_reference(tiny_checkpoint, files, tmp_path, capsys):
+    img, mask = files
+    out = tmp_path / "out"
+    argv = [
+        "segment",
+        str(img),
+        "--model",
+        "clipseg_test_tiny",
+        "--checkpoint",
+        str(tiny_checkpoint),
+    ]
+    argv += ["--text", "a cup", "--text", "a plate", "--ref", str(img), str(mask)]
+    assert main(argv + ["--threshold", "0.1", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    written = sorted(p.name for p in out.iterdir())
+    assert "overlay.png" in written and sum(n.startswith("mask_") for n in written) == 3
+    meta = json.loads((out / "result.json").read_text())
+    assert meta["labels"][:2] == ["a cup", "a plate"]
+    assert Image.open(out / written[written.index("overlay.png")]).size == (80, 48)
+
+
+def test_convert_then_load_from_cache(tiny_checkpoint, tmp_path, capsys):
+    assert (
+        main(["convert", "clipseg_test_tiny", str(tiny_checkpoint), "--cache-dir", str(tmp_path)])
+        == 0
+    )
+    assert native_checkpoint_path(model_info("clipseg_test_tiny"), tmp_path).is_file()
+
+
+def test_errors_are_one_line_not_tracebacks(files, tmp_path, capsys):
+    img, _ = files
+    assert main(["download", "clipseg_vitb16_rd16.uni", "--cache-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptseg download: error:") and "rd16-uni.pth" in err
+    assert main(["info", "clipseg_nope"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    save_state_dict_file({"foo": __import__("torch").zeros(1)}, bad)
+    assert (
+        main(
+            [
+                "segment",
+                str(img),
+                "--model",
+                "clipseg_test_tiny",
+                "--checkpoint",
+                str(bad),
+                "--text",
+                "a",
+            ]
+        )
+        == 2
+    )
+    assert "unknown CLIPSeg checkpoint layout" in capsys.readouterr().err
