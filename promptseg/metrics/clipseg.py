@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import as_binary, to_numpy
+
 __all__ = [
     "FixedIntervalMetrics",
     "THRESHOLDS",
@@ -29,36 +31,13 @@ THRESHOLDS: np.ndarray = np.linspace(0, 1, 51)[1:-1]
 _DTYPE = np.float32
 
 
-def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "numpy"):
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        return np.asarray(x.numpy())
-    return np.asarray(x)
-
-
-def _binary(x: Any, name: str) -> np.ndarray:
-    """Convert a bool or 0/1 array to bool; other values are an error."""
-    a = _to_numpy(x)
-    if a.dtype == np.bool_:
-        return a
-    if np.any((a != 0) & (a != 1)):
-        raise ValueError(f"{name} must be boolean or contain only 0 and 1")
-    return a != 0
-
-
 def sigmoid(x: Any) -> np.ndarray:
     """Logistic function in float32, 1 / (1 + exp(-x)) as torch.sigmoid computes it on fp32 logits.
 
     numpy's and torch's float32 exp differ in the last bit for some inputs, so values can differ by
     1 ulp from torch; for bit-parity pass torch's own sigmoid output with `sigmoid=False`.
     """
-    z = _to_numpy(x).astype(_DTYPE)
+    z = to_numpy(x).astype(_DTYPE)
     with np.errstate(over="ignore"):
         return (_DTYPE(1) / (_DTYPE(1) + np.exp(-z))).astype(_DTYPE)
 
@@ -91,7 +70,7 @@ def resize_bilinear_align_corners(x: Any, size: tuple[int, int]) -> np.ndarray:
     bit-identical to torch 2.x on x86 for e.g. 88 -> 352, within 1 ulp otherwise. Leading axes are
     kept.
     """
-    a = _to_numpy(x).astype(_DTYPE)
+    a = to_numpy(x).astype(_DTYPE)
     if a.ndim < 2:
         raise ValueError("expected an array with at least 2 dimensions [..., H, W]")
     h_out, w_out = int(size[0]), int(size[1])
@@ -184,11 +163,11 @@ class FixedIntervalMetrics:
 
     def sample_counts(self, pred: Any, gt: Any, ignore: Any | None = None) -> np.ndarray:
         """Counts of one sample, int64 [T, 4] (tp, fp, fn, tn per threshold), not accumulated."""
-        p = _to_numpy(pred)
+        p = to_numpy(pred)
         if self.sigmoid:
             p = sigmoid(p)
         p = p.astype(_DTYPE, copy=False)
-        g = _binary(gt, "gt")
+        g = as_binary(gt, "gt")
         if p.shape != g.shape:
             if not self.resize_pred:
                 raise ValueError(
@@ -200,7 +179,7 @@ class FixedIntervalMetrics:
         if np.isnan(p).any():
             raise ValueError("pred contains NaN")
         if ignore is not None:
-            ign = _binary(ignore, "ignore")
+            ign = as_binary(ignore, "ignore")
             if ign.shape != g.shape:
                 raise ValueError(f"ignore shape {ign.shape} != gt shape {g.shape}")
             keep = ~ign
@@ -237,14 +216,14 @@ class FixedIntervalMetrics:
         ignores: Any | None = None,
     ) -> None:
         """Add a batch [B, H, W] sample by sample (same rules as `update`)."""
-        p = _to_numpy(preds)
-        g = _to_numpy(gts)
+        p = to_numpy(preds)
+        g = to_numpy(gts)
         if len(p) != len(g):
             raise ValueError("preds and gts have different batch sizes")
         ids = [None] * len(p) if class_ids is None else list(class_ids)
         if len(ids) != len(p):
             raise ValueError("class_ids length differs from the batch size")
-        ign = [None] * len(p) if ignores is None else _to_numpy(ignores)
+        ign = [None] * len(p) if ignores is None else to_numpy(ignores)
         for i in range(len(p)):
             self.update(p[i], g[i], ids[i], ign[i])
 

@@ -11,30 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import as_binary
+
 __all__ = ["FewShotSegEvaluator"]
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "numpy"):
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        return np.asarray(x.numpy())
-    return np.asarray(x)
-
-
-def _binary(x: Any, name: str) -> np.ndarray:
-    """Convert a bool or 0/1 array to bool; other values are an error (the reference drops them)."""
-    a = _to_numpy(x)
-    if a.dtype == np.bool_:
-        return a
-    if np.any((a != 0) & (a != 1)):
-        raise ValueError(f"{name} must be boolean or contain only 0 and 1")
-    return a != 0
 
 
 class FewShotSegEvaluator:
@@ -66,8 +45,8 @@ class FewShotSegEvaluator:
         on the query. Like the reference, an ignored pixel must not be GT foreground (ValueError
         otherwise).
         """
-        p = _binary(pred, "pred")
-        g = _binary(gt, "gt")
+        p = as_binary(pred, "pred")
+        g = as_binary(gt, "gt")
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
         try:
@@ -77,7 +56,7 @@ class FewShotSegEvaluator:
         if ignore is None:
             n_valid = p.size
         else:
-            ign = _binary(ignore, "ignore")
+            ign = as_binary(ignore, "ignore")
             if ign.shape != g.shape:
                 raise ValueError(f"ignore shape {ign.shape} != gt shape {g.shape}")
             if np.any(ign & g):

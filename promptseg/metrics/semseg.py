@@ -11,20 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from ._arrays import to_numpy
+
 __all__ = ["SemSegEvaluator"]
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """Return `x` as a numpy array; tensors are detached and moved to CPU (duck typing)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "numpy"):
-        if hasattr(x, "detach"):
-            x = x.detach()
-        if hasattr(x, "cpu"):
-            x = x.cpu()
-        return np.asarray(x.numpy())
-    return np.asarray(x)
 
 
 class SemSegEvaluator:
@@ -58,8 +47,8 @@ class SemSegEvaluator:
 
     def update(self, pred: Any, gt: Any) -> None:
         """Add one image: integer label maps `pred` and `gt` (same shape, original resolution)."""
-        p = _to_numpy(pred)
-        g = _to_numpy(gt)
+        p = to_numpy(pred)
+        g = to_numpy(gt)
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
         if not (np.issubdtype(p.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)):
