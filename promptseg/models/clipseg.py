@@ -174,6 +174,7 @@ class CLIPSeg(PromptSegModel):
             image=embedding.image if size == embedding.image_size else None,
             meta={
                 "model": self.card.name,
+                "tag": self.card.tag,
                 "threshold": threshold,
                 "input_size": tuple(self.card.data_config["input_size"]),
                 "output_size": size,
