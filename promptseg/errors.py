@@ -28,3 +28,7 @@ class UnknownModelError(PromptsegError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class DatasetLayoutError(PromptsegError, FileNotFoundError):
+    """A dataset folder is missing files or has malformed ones; the message lists what was expected."""
