@@ -31,4 +31,4 @@ class UnknownModelError(PromptsegError, KeyError):
 
 
 class DatasetLayoutError(PromptsegError, FileNotFoundError):
-    """A dataset folder is missing files or has malformed ones; the message lists what was expected."""
+    """A dataset folder lacks files or has malformed ones; the message lists what was expected."""
