@@ -7,6 +7,7 @@ The Predictor calls the same steps, keeping the first two between calls.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedPromptError
-from ..imageio import ImageInput, content_hash, load_image
+from ..imageio import ImageInput, MaskInput, content_hash, load_image
 from ..prompts import Prompt, as_prompt, prompt_kind
 from ..result import SegmentationResult
 from ..transforms import preprocess
@@ -111,6 +112,17 @@ class PromptSegModel(nn.Module):
                     f"Models that take {kind} prompts: {', '.join(able) or 'none yet'}"
                 )
         return prompts
+
+    def segment_video(
+        self, frames: Sequence[ImageInput], first_mask: MaskInput
+    ) -> Iterator[torch.Tensor]:
+        """Label maps int64 [H, W] per frame, objects numbered as in `first_mask` (frame 0)."""
+        from ..zoo import list_models
+
+        able = ", ".join(list_models(pretrained=True, capability="video")) or "none yet"
+        raise UnsupportedPromptError(
+            f"{self.card.name} does not segment videos; models that do: {able}"
+        )
 
     def check_level(self, level: str | None) -> str:
         """The output level to produce: `level` if this family has it, else its default."""

@@ -1,0 +1,214 @@
+"""Test models for the benchmark harness: exact answers on the miniature datasets, no weights.
+
+    ColorKey        finds the colour a prompt stands for (a class name's `class_color`, or the
+                    dominant colour under a reference mask) -> perfect scores on mini datasets
+    Empty           finds nothing -> the metrics' documented edge values
+    ShiftedOracle   ColorKey with every mask shifted right by `dx` pixels -> hand-computable scores
+
+They take every prompt kind and produce every output level, so one command can drive every
+`promptseg eval` path end to end in seconds (benchmarks.md §5.3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ..imageio import ImageInput, MaskInput, load_image, load_label_map, load_mask
+from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, Vocabulary
+from ..registry import register_model
+from ..result import SegmentationResult
+from ..testing.colors import class_color
+from ..transforms import resize_mask
+from .base import ImageEmbedding, PromptSegModel
+
+__all__ = ["ColorKey"]
+
+TOLERANCE = 6  # JPEG keeps flat 8x8-aligned blocks within a few levels of their colour
+
+
+def dominant_color(image: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
+    """Most frequent RGB colour of `image` [3, H, W] under a bool mask [H, W]."""
+    pixels = image[:, mask].T.to(torch.int64)  # [P, 3]
+    codes = (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
+    values, counts = torch.unique(codes, return_counts=True)
+    code = int(values[counts.argmax()])
+    return (code >> 16) & 255, (code >> 8) & 255, code & 255
+
+
+def color_mask(image: torch.Tensor, colors: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+    """Pixels of `image` [3, H, W] within TOLERANCE of any of `colors` -> bool [H, W]."""
+    img = image.to(torch.int16)
+    out = torch.zeros(image.shape[1:], dtype=torch.bool)
+    for c in colors:
+        ref = torch.tensor(c, dtype=torch.int16).view(3, 1, 1)
+        out |= (img - ref).abs().amax(dim=0) <= TOLERANCE
+    return out
+
+
+@register_model("testing")
+class ColorKey(PromptSegModel):
+    """Segments by colour; the card's `config.mode` selects colorkey | empty | shifted (dx)."""
+
+    levels = ("semantic", "instance", "panoptic", "identity")
+
+    def __init__(self, card: Any) -> None:
+        super().__init__(card)
+        self.mode = card.config.get("mode", "colorkey")
+        self.dx = int(card.config.get("dx", 0))
+        self.register_buffer("_anchor", torch.zeros(1))  # gives the model a device and dtype
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def encode_prompt(self, prompts: list[Prompt]) -> list[list[dict]]:
+        """Per prompt, the entries to find: {label, class_id, object_id, colors, isthing}."""
+        return [self._entries(p) for p in prompts]
+
+    def _entries(self, p: Prompt) -> list[dict]:
+        if isinstance(p, TextPrompt):
+            return [dict(label=p.text, class_id=0, object_id=None, colors=[class_color(p.text)])]
+        if isinstance(p, MixedPrompt):
+            return self._entries(p.text)
+        if isinstance(p, Vocabulary):
+            return [
+                dict(
+                    label=syn[0],
+                    class_id=k,
+                    object_id=None,
+                    isthing=thing,
+                    colors=[class_color(s) for s in syn],
+                )
+                for k, (syn, thing) in enumerate(zip(p.classes, p.is_thing, strict=True))
+            ]
+        shots = p.shots if isinstance(p, SupportSet) else (p,)
+        groups: dict[tuple, dict] = {}
+        for shot in shots:
+            image = load_image(shot.image)
+            mask = load_mask(shot.mask, size=tuple(image.shape[-2:]))
+            if not mask.any():
+                raise ValueError("a reference mask has no foreground pixel")
+            key = (shot.class_id, shot.object_id)
+            entry = groups.setdefault(
+                key,
+                dict(
+                    label=f"class {shot.class_id}",
+                    class_id=shot.class_id,
+                    object_id=shot.object_id,
+                    colors=[],
+                ),
+            )
+            color = dominant_color(image, mask)
+            if color not in entry["colors"]:
+                entry["colors"].append(color)
+        return list(groups.values())
+
+    def decode(self, features: torch.Tensor, prompt_embeddings: list[list[dict]]) -> list:
+        """Per prompt and entry, the bool mask [H, W] of the entry's colours."""
+        image = features
+        out = []
+        for entries in prompt_embeddings:
+            masks = []
+            for e in entries:
+                m = color_mask(image, e["colors"])
+                if self.mode == "empty":
+                    m = torch.zeros_like(m)
+                elif self.mode == "shifted" and self.dx:
+                    m = torch.roll(m, self.dx, dims=1)
+                    m[:, : self.dx] = False
+                masks.append(m)
+            out.append(list(zip(entries, masks, strict=True)))
+        return out
+
+    def postprocess(
+        self,
+        raw: list,
+        embedding: ImageEmbedding,
+        prompts: list[Prompt],
+        *,
+        level: str = "semantic",
+        threshold: float | None = None,
+        output_size: Any = "original",
+        return_logits: bool = False,
+    ) -> SegmentationResult:
+        size = embedding.image_size if output_size == "original" else tuple(output_size)
+        masks, labels, index, classes = [], [], [], []
+        for i, pairs in enumerate(raw):
+            for entry, mask in pairs:
+                parts = [mask]
+                if level == "instance" or (level == "panoptic" and entry.get("isthing", True)):
+                    parts = _components(mask)
+                for part in parts:
+                    if level != "semantic" and not part.any():
+                        continue
+                    masks.append(part)
+                    labels.append(entry["label"])
+                    index.append(i)
+                    classes.append(
+                        entry["object_id"]
+                        if level == "identity" and entry["object_id"] is not None
+                        else entry["class_id"]
+                    )
+        h, w = embedding.image_size
+        stack = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
+        stack = resize_mask(stack, size)
+        logits = (stack.float() * 20 - 10) if return_logits else None
+        result = SegmentationResult(
+            masks=stack,
+            scores=stack.flatten(1).any(dim=1).float(),
+            labels=labels,
+            prompt_index=torch.tensor(index, dtype=torch.int64),
+            level=[level] * len(labels),
+            class_ids=torch.tensor(classes, dtype=torch.int64),
+            logits=logits,
+            image=embedding.image if size == embedding.image_size else None,
+            meta={"model": self.card.name, "tag": self.card.tag},
+        )
+        if level == "panoptic":
+            result.panoptic = _panoptic(result, raw)
+        return result
+
+    def segment_video(
+        self, frames: Sequence[ImageInput], first_mask: MaskInput
+    ) -> Iterator[torch.Tensor]:
+        """Label map int64 [H, W] per frame: object k = the colour under label k in frame 0."""
+        first = load_image(frames[0])
+        labels = load_label_map(first_mask, size=tuple(first.shape[-2:]))
+        objects = [int(k) for k in torch.unique(labels) if 0 < int(k) < 255]
+        colors = {k: dominant_color(first, labels == k) for k in objects}
+        for frame in frames:
+            image = load_image(frame)
+            out = torch.zeros(image.shape[1:], dtype=torch.int64)
+            if self.mode != "empty":
+                for k in objects:  # overlaps go to the larger id, as SINE resolves them
+                    m = color_mask(image, [colors[k]])
+                    if self.mode == "shifted" and self.dx:
+                        m = torch.roll(m, self.dx, dims=1)
+                        m[:, : self.dx] = False
+                    out[m] = k
+            yield out
+
+
+def _components(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Connected components (8-connectivity) of a bool mask, as separate masks."""
+    labels, n = ndimage.label(mask.numpy(), structure=np.ones((3, 3)))
+    labels = torch.from_numpy(labels)
+    return [labels == k for k in range(1, n + 1)]
+
+
+def _panoptic(result: SegmentationResult, raw: list) -> dict:
+    """panopticapi-shaped id map + segments_info from the panoptic-level masks."""
+    id_map = torch.zeros(result.image_size, dtype=torch.int32)
+    segments = []
+    thing = {e["class_id"]: e.get("isthing", True) for pairs in raw for e, _ in pairs}
+    for k, (mask, cls) in enumerate(zip(result.masks, result.class_ids.tolist(), strict=True)):
+        id_map[mask] = k + 1
+        segments.append({"id": k + 1, "category_id": cls, "isthing": thing[cls], "score": 1.0})
+    return {"id_map": id_map, "segments_info": segments}
