@@ -158,7 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
     p.add_argument("-o", "--output", default="out", help="output folder (default ./out)")
     cache(p)
+
+    from .bench.cli import add_commands
+
+    add_commands(sub)
     return parser
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, "benchmark", None) or getattr(args, "tool", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -167,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (PromptsegError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"promptseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"promptseg {_command_name(args)}: error: {exc}", file=sys.stderr)
         return 2
 
 

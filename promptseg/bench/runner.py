@@ -1,0 +1,172 @@
+"""What every evaluation run shares: where results go, resumable progress, the result JSON.
+
+A run writes `runs/<benchmark>/<dataset>/<fold>/<shots>/<model>/result.json` (schema 1,
+benchmarks.md §5.2). While it runs, `progress.json` holds the metric accumulators and the indices
+already scored, saved atomically every few items, so `--resume` continues where a run stopped
+with exactly the numbers an uninterrupted run gives (integer accumulators, order-free).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Progress",
+    "environment",
+    "model_record",
+    "run_dir",
+    "write_json",
+]
+
+SCHEMA_VERSION = 1
+
+
+def run_dir(
+    out: str | os.PathLike, benchmark: str, dataset: str, fold: Any, shots: Any, model: str
+) -> Path:
+    """`<out>/<benchmark>/<dataset>/<fold>/<shots>/<model>` (fold/shots '-' when not applicable)."""
+    parts = [
+        benchmark,
+        dataset,
+        str(fold if fold is not None else "-"),
+        str(shots if shots is not None else "-"),
+        model,
+    ]
+    return Path(out).joinpath(*parts)
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Atomic JSON write (a crash never leaves half a result file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1, default=_jsonable)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, set):
+        return sorted(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class Progress:
+    """Resumable iteration: yields the items not yet done, checkpointing the accumulator state."""
+
+    def __init__(self, directory: Path, *, resume: bool, key: str, every: int = 25) -> None:
+        self.path = directory / "progress.json"
+        self.key = key  # identifies the run (e.g. the episode digest): a mismatch never resumes
+        self.every = every
+        self.done: set[int] = set()
+        self.state: dict[str, Any] | None = None
+        self.elapsed = 0.0
+        if resume and self.path.is_file():
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+            if saved.get("key") != key:
+                raise ValueError(
+                    f"{self.path} belongs to another run (different episodes or settings); "
+                    "delete it or run without --resume"
+                )
+            self.done = set(saved["done"])
+            self.state = saved["state"]
+            self.elapsed = float(saved.get("elapsed", 0.0))
+        elif self.path.is_file():
+            self.path.unlink()
+
+    def iterate(
+        self, items: Iterable[Any], total: int, state_fn, *, desc: str, index=lambda i, x: i
+    ) -> Iterator[Any]:
+        """Yield (not yet done) items; every `every` items save `state_fn()` and the done set."""
+        start = time.perf_counter() - self.elapsed
+        since_save = 0
+        bar = tqdm(total=total, initial=len(self.done), desc=desc, disable=None, leave=False)
+        for i, item in enumerate(items):
+            idx = index(i, item)
+            if idx in self.done:
+                continue
+            yield item
+            self.done.add(idx)
+            bar.update(1)
+            since_save += 1
+            if since_save >= self.every:
+                self.elapsed = time.perf_counter() - start
+                self.save(state_fn())
+                since_save = 0
+        bar.close()
+        self.elapsed = time.perf_counter() - start
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        write_json(
+            self.path,
+            {"key": self.key, "done": sorted(self.done), "state": state, "elapsed": self.elapsed},
+        )
+
+    def finish(self) -> None:
+        """The run completed: the result JSON now holds everything progress.json did."""
+        self.path.unlink(missing_ok=True)
+
+
+def environment(model: torch.nn.Module) -> dict[str, Any]:
+    """torch / CUDA / device / dtype / TF32 facts recorded with every result."""
+    param = next(model.parameters(), None)
+    buf = param if param is not None else next(model.buffers(), torch.zeros(0))
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": str(buf.device),
+        "dtype": str(buf.dtype).replace("torch.", ""),
+        "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+        "python": platform.python_version(),
+    }
+
+
+def model_record(model: torch.nn.Module) -> dict[str, Any]:
+    """Model name, tag, promptseg version and git commit for the result JSON."""
+    from .. import __version__
+
+    card = model.card
+    return {
+        "name": card.name,
+        "arch": card.arch,
+        "tag": card.tag,
+        "weights_sha256": getattr(model, "weights_sha256", None),
+        "promptseg_version": __version__,
+        "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
