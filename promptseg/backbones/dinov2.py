@@ -11,6 +11,7 @@ timm's own forward, all required by SINE (spec sine.md §2.1, §10.1-2):
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import timm
@@ -101,9 +102,13 @@ class DINOv2(nn.Module):
         self.out_channels = int(self.vit.embed_dim)
         self.strides = (PATCH_SIZE,)
         self.data_config = dict(data_config) if data_config is not None else dict(_IMAGENET)
-        self._pos_cache: dict[tuple[int, int], tuple[tuple[Any, ...], torch.Tensor]] = {}
+        self._pos_cache: dict[tuple[int, int], tuple[Any, tuple[Any, ...], torch.Tensor]] = {}
         if frozen:
             self.requires_grad_(False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle without the position-table cache (it holds weak references)."""
+        return {**self.__dict__, "_pos_cache": {}}
 
     def _grid(self, pixels: torch.Tensor) -> tuple[int, int]:
         """Token grid (gh, gw) of a [B, 3, H, W] batch; H and W must be multiples of 14."""
@@ -120,8 +125,9 @@ class DINOv2(nn.Module):
     def position_table(self, grid: tuple[int, int]) -> torch.Tensor:
         """Position table [1, 1 + gh*gw, C] (float32) for a token grid, cached per grid.
 
-        The cache entry is stamped with the parameter's (version counter, data_ptr, device, dtype),
-        so in-place edits, `load_state_dict`, `.to()` and replaced parameters all recompute it.
+        The cache entry is stamped with a weak reference to the parameter and its (version counter,
+        data_ptr, device, dtype), so in-place edits, `load_state_dict`, `.to()` and replaced
+        parameters all recompute it.
         While the table needs gradients (unfrozen, grad enabled) it is recomputed every call.
         """
         pos = self.vit.pos_embed
@@ -129,14 +135,14 @@ class DINOv2(nn.Module):
             return dinov2_position_table(pos, grid)
         stamp = (pos._version, pos.data_ptr(), pos.device, pos.dtype)
         hit = self._pos_cache.get(grid)
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        if hit is not None and hit[0]() is pos and hit[1] == stamp:
+            return hit[2]
         with torch.no_grad(), torch.inference_mode(False):
             table = dinov2_position_table(pos, grid)
         self._pos_cache.pop(grid, None)
         if len(self._pos_cache) >= _CACHE_SIZE:
             self._pos_cache.pop(next(iter(self._pos_cache)))
-        self._pos_cache[grid] = (stamp, table)
+        self._pos_cache[grid] = (weakref.ref(pos), stamp, table)
         return table
 
     def forward_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
