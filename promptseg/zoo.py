@@ -27,7 +27,7 @@ __all__ = ["ModelCard", "WeightRoute", "list_models", "model_info", "create_mode
 
 ZOO_FILE = Path(__file__).with_name("zoo.yaml")
 # family -> does it have a checkpoint converter module (promptseg/convert/<family>.py)?
-FAMILIES = {"clipseg": True, "testing": False}
+FAMILIES = {"clipseg": True, "sine": True, "testing": False}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,100 @@
+"""SINE end to end on the tiny config: prompts, levels, caching, official-layout loading."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import promptseg
+from promptseg import SupportSet, UnsupportedPromptError, VisualPrompt
+from promptseg.weights import save_state_dict_file
+
+
+@pytest.fixture(scope="module")
+def sine():
+    torch.manual_seed(0)
+    return promptseg.create_model("sine_test_tiny", pretrained=False)
+
+
+@pytest.fixture
+def scene():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    a = np.zeros((60, 90), bool)
+    a[10:40, 20:60] = True
+    b = np.zeros((60, 90), bool)
+    b[42:58, 5:30] = True
+    return img, a, b
+
+
+def test_levels_and_shapes(sine, scene):
+    img, a, b = scene
+    refs = SupportSet([VisualPrompt(img, a, class_id=3), VisualPrompt(img, b, class_id=7)])
+    sem = sine.segment(img, refs, threshold=0.0)
+    assert sem.level == ["semantic", "semantic"] and sem.class_ids.tolist() == [3, 7]
+    ident = sine.segment(img, refs, level="identity")
+    assert ident.class_ids.tolist() == [0, 1] and ident.masks.shape == (2, 60, 90)
+    inst = sine.segment(img, refs, level="instance", output_size=(30, 45))
+    assert inst.masks.shape[1:] == (30, 45) and set(inst.class_ids.tolist()) <= {3, 7}
+    assert len(inst) <= 10 * 2 and bool((inst.scores > 0).all())  # queries x classes
+    both = sine.segment(img, refs, level="all", threshold=0.0)
+    assert len(both) == 2 + len(sine.segment(img, refs, level="instance")) + 2
+
+
+def test_reference_features_are_pooled_from_one_pass_and_cached(sine, scene, monkeypatch):
+    img, a, b = scene
+    sine._reference_cache.clear()
+    calls = []
+    original = sine.backbone.forward_features
+    monkeypatch.setattr(sine.backbone, "forward_features", lambda x: calls.append(1) or original(x))
+    sine.encode_prompt([SupportSet([(img, a), (img, b)])])
+    sine.encode_prompt([SupportSet([(img, b)])])
+    assert len(calls) == 1
+
+
+def test_predictor_reuses_target_features(sine, scene):
+    img, a, b = scene
+    pred = promptseg.Predictor(sine)
+    pred.set_image(img)
+    one = pred.predict((img, a), level="identity")
+    again = sine.segment(img, (img, a), level="identity")
+    torch.testing.assert_close(one.scores, again.scores)
+
+
+def test_bad_prompts(sine, scene):
+    img, a, _ = scene
+    with pytest.raises(UnsupportedPromptError, match="text"):
+        sine.segment(img, "a cat")
+    with pytest.raises(ValueError, match="no foreground"):
+        sine.segment(img, (img, np.zeros_like(a)))
+
+
+def test_official_layout_checkpoint_loads_strictly(sine, scene, tmp_path):
+    official = {"criterion.empty_weight": torch.ones(2)}
+    for key, value in sine.state_dict().items():
+        if key.startswith("backbone.vit."):
+            official["image_encoder.encoder." + key[len("backbone.vit.") :]] = value
+        elif key.startswith("head.neck."):
+            official["image_encoder." + key[len("head.") :]] = value
+        else:
+            official["transformer_decoder." + key[len("head.") :]] = value
+    official["image_encoder.encoder.mask_token"] = torch.zeros(1, 32)
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(official, path)
+    loaded = promptseg.create_model("sine_test_tiny", checkpoint_path=path)
+    img, a, _ = scene
+    ours = loaded.segment(img, (img, a), level="identity", return_logits=True)
+    ref = sine.segment(img, (img, a), level="identity")
+    torch.testing.assert_close(ours.scores, ref.scores)
+    save_state_dict_file(loaded.state_dict(), tmp_path / "native.safetensors")
+    promptseg.create_model("sine_test_tiny", checkpoint_path=tmp_path / "native.safetensors")
+
+
+def test_released_tag_error_says_where_to_get_the_file(tmp_path):
+    card = promptseg.model_info("sine_dinov2l.coco_ade_o365")
+    assert card.default_threshold == 0.7 and card.config["head"]["queries"] == 200
+    from promptseg.weights import fetch_native
+
+    with pytest.raises(promptseg.WeightsNotFoundError, match="1GYQbbUZClbmhVESDLpRwqe"):
+        fetch_native(card, cache_dir=tmp_path, progress=False)
