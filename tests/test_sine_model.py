@@ -98,3 +98,37 @@ def test_released_tag_error_says_where_to_get_the_file(tmp_path):
 
     with pytest.raises(promptseg.WeightsNotFoundError, match="1GYQbbUZClbmhVESDLpRwqe"):
         fetch_native(card, cache_dir=tmp_path, progress=False)
+
+
+def test_memory_bank_keeps_first_frame_and_best_decayed():
+    from promptseg.models.sine import MemoryBank, MemoryEntry, decayed_score
+
+    assert decayed_score(0.8, 0) == 0.8 and decayed_score(0.8, 10) == pytest.approx(0.4)
+    assert decayed_score(0.8, 20) == 0.0 and decayed_score(0.8, 25) == 0.0
+
+    def entry(score, frame):
+        return MemoryEntry(torch.zeros(1), torch.zeros(1), score, frame)
+
+    bank = MemoryBank(3, entry(1.0, 0))
+    for t, score in enumerate([0.9, 0.2, 0.5, 0.95], start=1):
+        bank.push(entry(score, t), now=t)
+    assert [e.frame for e in bank.frames()] == [0, 4, 1]  # GT fixed; 0.95@4 and 0.9@1 kept
+    bank.push(entry(0.3, 30), now=30)  # old frames decayed to 0: the fresh one wins
+    assert [e.frame for e in bank.frames()][:2] == [0, 30]
+
+
+def test_video_encodes_each_frame_once_and_labels_by_object(sine, monkeypatch):
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 256, (48, 80, 3), dtype=np.uint8) for _ in range(5)]
+    labels = np.zeros((48, 80), np.uint8)
+    labels[5:20, 5:30] = 1
+    labels[25:45, 40:70] = 3
+    calls = []
+    original = sine.backbone.forward_features
+    monkeypatch.setattr(sine.backbone, "forward_features", lambda x: calls.append(1) or original(x))
+    maps = list(sine.segment_video(frames, labels, memory=2))
+    assert len(calls) == len(frames)  # memory frames reuse the features computed as targets
+    assert all(m.shape == (48, 80) and m.dtype == torch.int64 for m in maps)
+    assert set(torch.cat([m.unique() for m in maps]).tolist()) <= {0, 1, 3}
+    with pytest.raises(ValueError, match="no object"):
+        next(sine.segment_video(frames, np.zeros((48, 80), np.uint8)))

@@ -12,7 +12,8 @@ zero-padded bottom/right to the square `canvas` (sine.md §1.3, FSS protocol).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,14 +21,14 @@ import torch.nn.functional as F
 
 from ..backbones.dinov2 import DINOv2
 from ..heads.mformer import MFormerHead, PooledTokens, id_scores, instance_topk, semantic_map
-from ..imageio import content_hash, load_image, load_mask
+from ..imageio import ImageInput, MaskInput, content_hash, load_image, load_label_map, load_mask
 from ..prompts import Prompt, SupportSet, VisualPrompt
 from ..registry import register_model
 from ..result import SegmentationResult
 from ..transforms import resize_mask
 from .base import ImageEmbedding, PromptSegModel
 
-__all__ = ["SINE", "SINEPrompt"]
+__all__ = ["SINE", "SINEPrompt", "MemoryBank", "decayed_score"]
 
 LEVELS = ("semantic", "instance", "identity")
 
@@ -37,6 +38,41 @@ class SINEPrompt:
     """Pooled reference tokens of one prompt, reusable for any number of targets."""
 
     tokens: PooledTokens  # id_tokens [N, C], sem_tokens [M, C], ids [N], classes [M]
+
+
+def decayed_score(score: float, age: int, ratio: int = 20) -> float:
+    """Linear decay of a memory frame's score with its age in frames (0 from `ratio` on)."""
+    return score * max(0.0, 1.0 - age / ratio) if age < ratio else 0.0
+
+
+@dataclass
+class MemoryEntry:
+    """One memory frame of one object: its neck features, canvas mask, score and frame index."""
+
+    feats: torch.Tensor  # [C, g, g]
+    mask: torch.Tensor  # float [canvas, canvas]
+    score: float
+    frame: int
+
+
+@dataclass
+class MemoryBank:
+    """Per-object VOS memory: the first-frame GT always kept, plus the best `capacity - 1` frames
+    by (decayed score, score, frame index); the lowest is evicted (sine.md §4.3)."""
+
+    capacity: int
+    fixed: MemoryEntry
+    entries: list[MemoryEntry] = field(default_factory=list)
+
+    def push(self, entry: MemoryEntry, now: int) -> None:
+        self.entries.append(entry)
+        self.entries.sort(
+            key=lambda e: (decayed_score(e.score, now - e.frame), e.score, e.frame), reverse=True
+        )
+        del self.entries[max(self.capacity - 1, 0) :]
+
+    def frames(self) -> list[MemoryEntry]:
+        return [self.fixed, *self.entries]
 
 
 @register_model("sine")
@@ -60,6 +96,7 @@ class SINE(PromptSegModel):
         self.canvas = int(card.data_config["canvas"])
         self.image_size = tuple(card.data_config["input_size"])
         self.instance_topk = int(cfg.get("instance_topk", 100))
+        self.video = dict(card.data_config["video"])  # short_side, canvas, memory
         self._reference_cache: dict[str, torch.Tensor] = {}
 
     # -- images --------------------------------------------------------------------------------
@@ -130,6 +167,100 @@ class SINE(PromptSegModel):
         )
         return SINEPrompt(tokens)
 
+    # -- video ---------------------------------------------------------------------------------
+    def _video_geometry(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(frame size with the short side at `short_side`, its size on the canvas)."""
+        short, canvas = self.video["short_side"], self.video["canvas"]
+        if h <= w:
+            small = (short, int(short * w / h))
+        else:
+            small = (int(short * h / w), short)
+        if small[0] >= small[1]:
+            big = (canvas, int(canvas / (small[0] / small[1])))
+        else:
+            big = (int(canvas / (small[1] / small[0])), canvas)
+        return small, big
+
+    def _video_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """Frame -> short side resized, long side to the canvas, normalised, zero-padded."""
+        small, big = self._video_geometry(*image.shape[-2:])
+        x = image[None].float().to(self.device) / 255.0
+        x = F.interpolate(x, size=small, mode="bilinear", align_corners=False, antialias=False)
+        x = F.interpolate(x, size=big, mode="bilinear", align_corners=False)
+        cfg = self.card.data_config
+        mean = torch.tensor(cfg["mean"], device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg["std"], device=x.device).view(1, 3, 1, 1)
+        x = ((x - mean) / std).to(self.dtype)
+        canvas = self.video["canvas"]
+        return F.pad(x, (0, canvas - big[1], 0, canvas - big[0]))
+
+    def _video_mask(self, mask: torch.Tensor, small, big) -> torch.Tensor:
+        """bool mask (any size) -> float [canvas, canvas], nearest at each resize step."""
+        m = resize_mask(resize_mask(mask, small), big).float()
+        canvas = self.video["canvas"]
+        return F.pad(m, (0, canvas - big[1], 0, canvas - big[0])).to(self.device)
+
+    @torch.inference_mode()
+    def segment_video(
+        self,
+        frames: Sequence[ImageInput],
+        first_mask: MaskInput,
+        *,
+        memory: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Label maps int64 [H, W] per frame; objects are the labels of `first_mask` (frame 0).
+
+        Official memory: first-frame GT fixed, `memory - 1` best predicted frames by decayed score;
+        each frame's features are computed once and reused when it becomes a memory frame.
+        """
+        capacity = int(memory or self.video["memory"])
+        banks: dict[int, MemoryBank] = {}
+        for t, frame in enumerate(frames):
+            image = load_image(frame)
+            size = tuple(image.shape[-2:])
+            small, big = self._video_geometry(*size)
+            feats = self.encode_image(self._video_pixels(image))
+            if t == 0:
+                labels = load_label_map(first_mask, size=size)
+                objects = [int(k) for k in torch.unique(labels) if 0 < int(k) < 255]
+                if not objects:
+                    raise ValueError("the first-frame mask has no object (labels 1..254)")
+                for k in objects:
+                    gt = MemoryEntry(
+                        feats["feats"][0], self._video_mask(labels == k, small, big), 1.0, 0
+                    )
+                    banks[k] = MemoryBank(capacity, gt)
+            ids = sorted(banks)
+            refs = [(k, e) for k in ids for e in banks[k].frames()]
+            tokens = self.head.pool_tokens(
+                torch.stack([e.feats for _, e in refs]),
+                [e.mask[None] for _, e in refs],
+                ids=[torch.tensor([k]) for k, _ in refs],
+                classes=[torch.tensor([k]) for k, _ in refs],
+            )
+            out = self.head(
+                feats["feats"],
+                feats["mfeat"],
+                tokens.id_tokens,
+                tokens.sem_tokens,
+                image_sa=feats["image_sa"],
+                aux=False,
+            )
+            logits = self._crop_resize(out["pred_id_masks"], self.video["canvas"], big, small)
+            masks = logits > 0
+            scores = id_scores(out["pred_id_logits"], logits)
+            for k, mask, score in zip(tokens.ids.tolist(), masks, scores.tolist(), strict=True):
+                entry = MemoryEntry(
+                    feats["feats"][0],
+                    self._video_mask(mask, small, big),
+                    score if mask.any() else 0.0,
+                    t,
+                )
+                banks[k].push(entry, t)
+            ids_t = tokens.ids.view(-1, 1, 1).to(masks.device)
+            label_map = (masks.long() * ids_t).amax(dim=0)  # overlaps: the largest object id
+            yield resize_mask(label_map.cpu(), size)
+
     # -- decode and postprocess ----------------------------------------------------------------
     def decode(self, features: dict[str, torch.Tensor], prompt_embeddings: list[SINEPrompt]):
         """Head outputs per prompt (final stage only)."""
@@ -150,12 +281,17 @@ class SINE(PromptSegModel):
 
     def to_output(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """[K, 4g, 4g] -> bilinear to the canvas, crop the image region, bilinear to `size`."""
+        return self._crop_resize(logits, self.canvas, self.image_size, size)
+
+    @staticmethod
+    def _crop_resize(logits: torch.Tensor, canvas: int, valid, size) -> torch.Tensor:
+        """detectron2's sem_seg_postprocess: canvas -> crop `valid` (h, w) -> bilinear to `size`."""
         x = F.interpolate(
-            logits[None].float(), size=(self.canvas,) * 2, mode="bilinear", align_corners=False
+            logits[None].float(), size=(canvas, canvas), mode="bilinear", align_corners=False
         )
-        x = x[..., : self.image_size[0], : self.image_size[1]]
+        x = x[..., : valid[0], : valid[1]]
         if tuple(x.shape[-2:]) != tuple(size):
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
         return x[0]
 
     def postprocess(
