@@ -53,8 +53,10 @@ def main() -> None:
     # official: per frame t, one target pass + one pass per memory frame of every object
     extra = sum(args.objects * min(t + 1, memory) for t in range(frames_n))
     official = ours + extra * encode
-    print(f"{name}, {frames_n} frames 480x854, {args.objects} objects, memory {memory}, "
-          f"{args.threads} threads")
+    print(
+        f"{name}, {frames_n} frames 480x854, {args.objects} objects, memory {memory}, "
+        f"{args.threads} threads"
+    )
     print("| | promptseg (s) | official loop (s) | ours / official |")
     print("|---|---:|---:|---:|")
     print(f"| clip | {ours:.2f} | {official:.2f} | {ours / official:.3f}x |")

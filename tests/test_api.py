@@ -31,7 +31,9 @@ def test_list_models_filters():
     } <= set(released)
     assert "clipseg_test_tiny" not in released
     assert "clipseg_test_tiny" in promptseg.list_models("*tiny")
-    assert promptseg.list_models(capability="video", pretrained=True) == []
+    assert promptseg.list_models(capability="video", pretrained=True) == [
+        "sine_dinov2l.coco_ade_o365"
+    ]
     assert "test_colorkey" in promptseg.list_models(capability="video")
     assert "clipseg_vitb16_rd64.uni" in promptseg.list_models(capability="visual")
 

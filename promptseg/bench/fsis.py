@@ -1,0 +1,170 @@
+"""`promptseg eval fsis`: few-shot instance segmentation, COCO-NOVEL and COCO2VOC (§1.5, §2.5).
+
+Per (K, seed): the support set is every shot record (one image + ONE annotation, class_id = its
+COCO category id), each test image (ascending id) is segmented at level "instance", detections
+(RLE at original size, no `bbox`, P14) go to `coco_mask_ap` restricted to the novel category ids.
+The dataset number is the mean over seeds of the per-seed APs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..data.fewshot import FewShotInstanceDataset
+from ..metrics.coco_ap import coco_mask_ap
+from ..prompts import SupportSet, VisualPrompt
+from .runner import (
+    SCHEMA_VERSION,
+    Progress,
+    environment,
+    model_record,
+    now_iso,
+    run_dir,
+    write_json,
+)
+
+__all__ = ["FSIS_DATASETS", "eval_fsis", "parse_seeds"]
+
+FSIS_DATASETS = ("coco-novel", "coco2voc")
+
+
+def parse_seeds(text: str | int | list[int]) -> list[int]:
+    """'0-9' -> [0..9], '0,3,5' -> [0, 3, 5], 4 -> [4]."""
+    if isinstance(text, int):
+        return [text]
+    if isinstance(text, list):
+        return [int(s) for s in text]
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        seeds += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    if not seeds or any(s < 0 for s in seeds):
+        raise ValueError(f"--seeds must look like 0-9 or 0,1,2, got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def _test_category_map(data: FewShotInstanceDataset) -> dict[int, int]:
+    """Support class id (COCO id) -> test GT category id (identity on COCO; VOC ids by name, else
+    by position in the novel list, for COCO2VOC)."""
+    if data.name == "coco-novel":
+        return {c: c for c in data.novel_category_ids}
+    gt = json.loads(data.gt_json_path.read_text(encoding="utf-8"))
+    by_name = {_norm(c["name"]): c["id"] for c in gt.get("categories", [])}
+    out = {}
+    for pos, cid in enumerate(data.novel_category_ids):
+        name = _norm(data.novel_category_names[cid])
+        out[cid] = by_name.get(name, data.test_category_ids[pos])
+    return out
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace(" ", "").replace("_", "")
+
+
+def eval_fsis(
+    model: Any,
+    *,
+    dataset: str,
+    shots: int,
+    seeds: str | list[int] = "0-9",
+    data_root: str | Path,
+    images: int | None = None,
+    out: str | Path = "runs",
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Evaluate every seed (one progress file per seed); writes result.json with the mean AP."""
+    if dataset not in FSIS_DATASETS:
+        raise ValueError(f"--dataset must be one of {FSIS_DATASETS}, got {dataset!r}")
+    seed_list = parse_seeds(seeds)
+    directory = run_dir(out, "fsis", dataset, None, shots, model.card.name)
+    directory.mkdir(parents=True, exist_ok=True)
+    per_seed: list[dict[str, Any]] = []
+    total_s = 0.0
+    n_images = 0
+    gt_path = None
+    cat_ids: list[int] = []
+    for seed in seed_list:
+        data = FewShotInstanceDataset(data_root, shots, seed, dataset=dataset)
+        gt_path, cat_ids = data.gt_json_path, list(data.test_category_ids)
+        to_test = _test_category_map(data)
+        records = data.shot_records()
+        support = SupportSet(
+            [VisualPrompt(r.image_path, r.mask, class_id=r.category_id) for r in records]
+        )
+        ids = data.test_image_ids()
+        if images is not None:
+            ids = ids[:images]
+        n_images = len(ids)
+        seed_dir = directory / f"seed{seed}"
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        detections: list[dict[str, Any]] = []
+        key = f"fsis|{dataset}|{shots}|{seed}|{len(ids)}|{len(records)}"
+        progress = Progress(seed_dir, resume=resume, key=key)
+        if progress.state is not None:
+            detections.extend(progress.state["detections"])
+        state = {"detections": detections}
+        for image_id in progress.iterate(
+            ids, len(ids), lambda s=state: s, desc=f"fsis {dataset} s{seed}"
+        ):
+            result = model.segment(data.test_image_path(image_id), support, level="instance")
+            for rec in result.to_coco_rle():
+                cid = rec["category_id"]
+                if cid is None or int(cid) not in to_test:
+                    continue
+                detections.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": to_test[int(cid)],
+                        "segmentation": rec["segmentation"],
+                        "score": rec["score"],
+                    }
+                )
+        write_json(seed_dir / "segm_results.json", {"results": detections})
+        ap = coco_mask_ap(gt_path, detections, cat_ids=cat_ids, img_ids=ids)
+        box = coco_mask_ap(gt_path, detections, iou_type="bbox", cat_ids=cat_ids, img_ids=ids)
+        box_ap = {f"box {k}": v for k, v in box.items() if k in ("AP", "AP50", "AP75")}
+        per_seed.append({"seed": seed, "n_detections": len(detections), **ap, **box_ap})
+        total_s += progress.elapsed
+        progress.finish()
+
+    names = [k for k, v in per_seed[0].items() if isinstance(v, float)]
+    metrics = {n: _mean([row[n] for row in per_seed]) for n in names}
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "fsis",
+        "dataset": dataset,
+        "split": "5k" if dataset == "coco-novel" else "voc-val",
+        "fold": None,
+        "shots": shots,
+        "seeds": seed_list,
+        "n_images": n_images,
+        "data_root_fingerprint": {"path": str(Path(data_root).resolve())},
+        "gt_json": str(gt_path),
+        "model": model_record(model),
+        "protocol": {
+            "resolution": "original",
+            "threshold": model.card.default_threshold,
+            "cat_ids": cat_ids,
+            "box_source": "bounding box of each predicted mask",
+            "metric_impl": "promptseg.metrics.coco_ap@1",
+            "subset": images is not None,
+        },
+        "env": environment(model),
+        "metrics": metrics,
+        "per_seed": per_seed,
+        "timing": {"total_s": total_s, "per_image_ms": 1000 * total_s / max(n_images, 1)},
+        "created": now_iso(),
+    }
+    write_json(directory / "result.json", payload)
+    return payload
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan

@@ -1,0 +1,138 @@
+"""`promptseg bench episodes | verify-splits | make-mini` (benchmarks.md §5.1, §2.3, §1.12)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["episodes_tsv", "make_mini", "verify_splits"]
+
+
+def episodes_tsv(
+    dataset: str,
+    fold: int | str,
+    shots: int,
+    *,
+    seed: int = 0,
+    n: int | None = None,
+    splits_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
+    trust_pickle: bool = False,
+    out: str | Path | None = None,
+) -> tuple[str, int]:
+    """(digest, number of episodes) of the reference stream; writes the §2.3 TSV to `out`."""
+    from ..data.episodes import episode_digest, episodes, serialize_episodes
+
+    if isinstance(fold, str) and fold.isdigit():
+        fold = int(fold)
+    eps = episodes(
+        dataset,
+        fold,
+        shots,
+        seed=seed,
+        n=n,
+        splits_dir=splits_dir,
+        data_root=data_root,
+        trust_pickle=trust_pickle,
+    )
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(serialize_episodes(eps).encode("utf-8"))
+    return episode_digest(eps), len(eps)
+
+
+def verify_splits(splits_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """One row per known hsnet split file: relpath, expected and actual sha256, status
+    OK | MISMATCH | MISSING. Default folder: the download cache (`<cache>/hsnet-splits`)."""
+    from ..data.splits import SPLIT_FILES, SPLITS_CACHE_KEY, file_sha256
+
+    if splits_dir is None:
+        from ..weights import cache_root
+
+        root = cache_root() / SPLITS_CACHE_KEY
+    else:
+        root = Path(splits_dir)
+    rows = []
+    for entry in SPLIT_FILES:
+        path = root / entry.relpath
+        actual = file_sha256(path) if path.is_file() else None
+        status = "MISSING" if actual is None else "OK" if actual == entry.sha256 else "MISMATCH"
+        rows.append(
+            {
+                "dataset": entry.dataset,
+                "fold": entry.fold,
+                "file": entry.relpath,
+                "path": str(path),
+                "expected": entry.sha256,
+                "actual": actual,
+                "status": status,
+            }
+        )
+    return rows
+
+
+def format_verify_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown-ish table: file, status, actual sha256 (first 16 hex digits)."""
+    lines = ["| file | status | sha256 |", "|---|---|---|"]
+    for r in rows:
+        sha = (r["actual"] or "-")[:16]
+        lines.append(f"| {r['file']} | {r['status']} | {sha} |")
+    return "\n".join(lines)
+
+
+def make_mini(out: str | Path, datasets: Sequence[str] | str = "all", seed: int = 0) -> dict:
+    """Write the miniature few-shot and dense datasets (§5.3) under `out`; returns their paths."""
+    from ..testing.mini_dense import DENSE_DATASETS, make_mini_dense
+    from ..testing.mini_fewshot import MINI_FEWSHOT_DATASETS, make_mini_fewshot
+
+    if isinstance(datasets, str):
+        datasets = [d.strip() for d in datasets.split(",") if d.strip()]
+    wanted = list(datasets)
+    if "all" in wanted:
+        fewshot, dense = list(MINI_FEWSHOT_DATASETS), list(DENSE_DATASETS)
+    else:
+        known = set(MINI_FEWSHOT_DATASETS) | {"coco2voc"} | set(DENSE_DATASETS)
+        unknown = sorted(set(wanted) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown mini datasets {unknown}; choose from 'all', "
+                f"{', '.join(MINI_FEWSHOT_DATASETS + tuple(DENSE_DATASETS))}"
+            )
+        fewshot = [d for d in wanted if d in MINI_FEWSHOT_DATASETS or d == "coco2voc"]
+        dense = [d for d in wanted if d in DENSE_DATASETS]
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    if fewshot:
+        written.update(make_mini_fewshot(root, fewshot, seed=seed))
+    if dense:
+        written.update(make_mini_dense(root, dense, seed=seed))
+    return written
+
+
+def suite_commands(suite: str | Path, variables: dict[str, str] | None = None) -> list[list[str]]:
+    """The eval invocations of a benchmarks/suites/*.yaml file as argv lists, `${VAR}` filled."""
+    import shlex
+    import string
+
+    import yaml
+
+    data = yaml.safe_load(Path(suite).read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{suite}: expected a mapping with a `runs:` list of commands")
+    commands = []
+    for line in data["runs"]:
+        try:
+            text = string.Template(line).substitute(variables or {})
+        except KeyError as exc:
+            raise ValueError(
+                f"{suite}: the run `{line}` needs ${{{exc.args[0]}}}; pass --set "
+                f"{exc.args[0]}=VALUE (or --data-root for DATA_ROOT)"
+            ) from None
+        argv = shlex.split(text)
+        if argv[:1] == ["promptseg"]:
+            argv = argv[1:]
+        commands.append(argv)
+    return commands

@@ -1,0 +1,225 @@
+"""`promptseg eval vos`: semi-supervised video object segmentation on DAVIS-2017 / DAVIS-2016 val.
+
+Sequences run in ImageSets order (benchmarks.md §2.5); the model gets every frame and the frame-0
+label map (void -> background) and returns one label map per frame, written as indexed palette
+PNGs `<run>/pngs/<seq>/<frame>.png` at GT size (§1.6). Scoring: DAVIS-2017 with
+`promptseg.metrics.davis.evaluate_davis` (per object, P15); DAVIS-2016 is SINE's toolkit variant
+(P16): the 2016 sequence list, GT = union of the DAVIS-2017 objects, prediction binarised `> 0`,
+one object per sequence — the model still receives the multi-object 2017 frame-0 mask.
+`--resume` skips sequences whose PNGs were all written by the interrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..data.dense import DAVIS_VOID, DavisDataset, load_label_png
+from ..metrics.davis import db_statistics, evaluate_davis, f_measure, j_measure
+from ..transforms import resize_mask
+from .runner import (
+    SCHEMA_VERSION,
+    Progress,
+    environment,
+    model_record,
+    now_iso,
+    run_dir,
+    write_json,
+)
+
+__all__ = ["VOS_DATASETS", "eval_vos"]
+
+VOS_DATASETS = {"davis17-val": "2017", "davis16-val": "2016"}
+MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+def _palette() -> list[int]:
+    """The DAVIS / PASCAL VOC colour map as a flat 768-entry PIL palette."""
+    pal = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        pal += [r, g, b]
+    return pal
+
+
+def _save_indexed(path: Path, labels: np.ndarray, palette: list[int]) -> None:
+    if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise ValueError(f"{path}: label values must be in 0..255 for an indexed PNG")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(labels.astype(np.uint8))  # mode L; putpalette makes it P
+    im.putpalette(palette)
+    im.save(path)
+
+
+def _first_mask_2017(data: DavisDataset, seq: str) -> np.ndarray:
+    """Frame-0 DAVIS-2017 objects (unmerged, void -> 0), the prompt for both variants."""
+    labels = load_label_png(data.annotation_path(seq, 0))
+    return np.where(labels == DAVIS_VOID, 0, labels).astype(np.uint8)
+
+
+def _gt_size(data: DavisDataset, seq: str, index: int) -> tuple[int, int]:
+    with Image.open(data.annotation_path(seq, index)) as im:
+        return im.height, im.width
+
+
+def _run_sequence(
+    model: Any, data: DavisDataset, seq: str, out_dir: Path, merge: bool, palette: list[int]
+) -> None:
+    frames = data.frames(seq)
+    first = _first_mask_2017(data, seq)
+    written = 0
+    preds = model.segment_video([str(f) for f in frames], first)
+    for frame, pred in zip(frames, preds, strict=False):
+        labels = torch.as_tensor(pred).to(torch.int64)
+        size = _gt_size(data, seq, written)
+        if tuple(labels.shape[-2:]) != size:
+            labels = resize_mask(labels, size)
+        arr = labels.cpu().numpy()
+        if merge:
+            arr = (arr > 0).astype(np.uint8)
+        _save_indexed(out_dir / seq / f"{frame.stem}.png", arr, palette)
+        written += 1
+    if written != len(frames):
+        raise RuntimeError(
+            f"{model.card.name}.segment_video returned {written} label maps for the "
+            f"{len(frames)} frames of {seq}"
+        )
+
+
+def _evaluate_merged(data: DavisDataset, res_dir: Path, sequences: list[str]) -> dict[str, Any]:
+    """SINE's DAVIS-16 scoring: per sequence one object, GT label > 0 (void = background),
+    prediction > 0; frames 1 .. n-2; statistics as evaluate_davis."""
+    rows = []
+    for seq in sequences:
+        n = len(data.frames(seq))
+        if n < 3:
+            raise ValueError(f"DAVIS {seq}: need at least 3 annotated frames, found {n}")
+        frames = [data.frames(seq)[i].stem for i in range(1, n - 1)]
+        gt = np.stack(
+            [load_label_png(data.annotation_path(seq, i)) for i in range(1, n - 1)]
+        ).astype(np.int64)
+        gt = (gt > 0) & (gt != DAVIS_VOID)
+        res = np.stack([load_label_png(res_dir / seq / f"{f}.png") for f in frames]) > 0
+        if res.shape != gt.shape:
+            raise ValueError(f"{seq}: result size {res.shape[1:]} differs from GT {gt.shape[1:]}")
+        j = np.asarray(j_measure(gt, res))
+        f = np.asarray(f_measure(gt, res))
+        jm, jr, jd = db_statistics(j)
+        fm, fr, fd = db_statistics(f)
+        rows.append(
+            {
+                "sequence": seq,
+                "object": 1,
+                "name": f"{seq}_1",
+                "J-Mean": jm,
+                "J-Recall": jr,
+                "J-Decay": jd,
+                "F-Mean": fm,
+                "F-Recall": fr,
+                "F-Decay": fd,
+                "frames": frames,
+                "J": j.tolist(),
+                "F": f.tolist(),
+            }
+        )
+
+    def avg(key: str) -> float:
+        return float(np.mean([r[key] for r in rows])) if rows else math.nan
+
+    out: dict[str, Any] = {m: avg(m) for m in MEASURES[1:]}
+    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2.0, **out}
+    out["n_objects"] = len(rows)
+    out["sequences"] = sequences
+    out["per_object"] = rows
+    return out
+
+
+def eval_vos(
+    model: Any,
+    *,
+    dataset: str,
+    data_root: str | Path,
+    out: str | Path = "runs",
+    resume: bool = False,
+    save_pngs: bool = False,
+) -> dict[str, Any]:
+    """Run one DAVIS variant, score it and write result.json; returns the result dict.
+
+    Metrics are reported x100 (J&F-Mean, J/F Mean, Recall, Decay, means over objects); the
+    per-object rows keep the toolkit's fractions and the per-frame J and F. The PNGs stay under
+    `<run>/pngs` with `save_pngs`, else they are removed once scored.
+    """
+    if dataset not in VOS_DATASETS:
+        raise ValueError(f"unknown VOS dataset {dataset!r}; choose from {sorted(VOS_DATASETS)}")
+    year = VOS_DATASETS[dataset]
+    data = DavisDataset(data_root, year=year)
+    merge = data.merge_objects
+    sequences = data.sequences()
+    directory = run_dir(out, "vos", dataset, None, None, model.card.name)
+    png_dir = directory / "pngs"
+    directory.mkdir(parents=True, exist_ok=True)
+    key = f"vos|{dataset}|{model.card.name}|{','.join(sequences)}"
+    progress = Progress(directory, resume=resume, key=key, every=1)
+    if not resume and png_dir.exists():
+        shutil.rmtree(png_dir)
+    palette = _palette()
+    n_frames = {s: len(data.frames(s)) for s in sequences}
+    with torch.inference_mode():
+        for seq in progress.iterate(sequences, len(sequences), dict, desc=f"vos {dataset}"):
+            if (png_dir / seq).exists():
+                shutil.rmtree(png_dir / seq)  # a sequence interrupted half-way is redone
+            _run_sequence(model, data, seq, png_dir, merge, palette)
+    progress.save({})
+    if merge:
+        scores = _evaluate_merged(data, png_dir, sequences)
+    else:
+        scores = evaluate_davis(data.root, png_dir, year=year, sequences=sequences)
+    timing_total = progress.elapsed
+    total_frames = sum(n_frames.values())
+    payload = {
+        "schema_version": SCHEMA_VERSION,
+        "benchmark": "vos",
+        "dataset": dataset,
+        "split": "val",
+        "fold": None,
+        "shots": None,
+        "seed": None,
+        "n_sequences": len(sequences),
+        "n_frames": total_frames,
+        "n_objects": scores["n_objects"],
+        "sequences": sequences,
+        "data_root_fingerprint": {"path": str(Path(data.root).resolve())},
+        "model": model_record(model),
+        "protocol": {
+            "resolution": "original",
+            "variant": "sine-merged" if merge else "davis2017-semi-supervised",
+            "metric_impl": "promptseg.metrics.davis@1",
+            "units": "metrics x100; per_object fractions",
+        },
+        "env": environment(model),
+        "metrics": {m: 100.0 * scores[m] for m in MEASURES},
+        "per_object": scores["per_object"],
+        "pngs": str(png_dir) if save_pngs else None,
+        "timing": {
+            "total_s": timing_total,
+            "per_frame_ms": 1000 * timing_total / max(total_frames, 1),
+        },
+        "created": now_iso(),
+    }
+    write_json(directory / "result.json", payload)
+    progress.finish()
+    if not save_pngs:
+        shutil.rmtree(png_dir, ignore_errors=True)
+    return payload

@@ -1,0 +1,109 @@
+"""`promptseg bench episodes | verify-splits | make-mini`."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+from promptseg.cli import main
+from promptseg.data.episodes import episode_digest, episodes, serialize_episodes
+from promptseg.testing.mini_fewshot import make_mini_fewshot
+
+SHARED_SPLITS = Path(__file__).resolve().parents[2].parent / "shared/data/fss-splits"
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini_fs")
+    make_mini_fewshot(root, ["pascal5i", "fss1000"])
+    return root
+
+
+@pytest.mark.parametrize(
+    ("dataset", "fold", "shots"), [("pascal5i", "0", 1), ("fss1000", "test", 5)]
+)
+def test_episodes_prints_the_digest(mini, tmp_path, capsys, dataset, fold, shots):
+    out = tmp_path / "episodes.tsv"
+    argv = ["bench", "episodes", "--dataset", dataset, "--fold", fold, "--shots", str(shots)]
+    argv += ["--splits-dir", str(mini / "splits"), "--data-root", str(mini), "--out", str(out)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mini split files are not hsnet's
+        assert main(argv) == 0
+        eps = episodes(
+            dataset,
+            int(fold) if fold.isdigit() else fold,
+            shots,
+            splits_dir=mini / "splits",
+            data_root=mini,
+        )
+    printed = capsys.readouterr().out.split()
+    assert printed == [episode_digest(eps)]
+    assert out.read_text(encoding="utf-8") == serialize_episodes(eps)
+
+
+def test_make_mini_writes_the_folders(tmp_path, capsys):
+    assert main(["bench", "make-mini", "--out", str(tmp_path), "--datasets", "davis,pascal5i"]) == 0
+    assert (tmp_path / "DAVIS" / "ImageSets" / "2017" / "val.txt").is_file()
+    assert (tmp_path / "VOC2012").is_dir() and (tmp_path / "splits" / "pascal" / "val").is_dir()
+    assert "davis" in capsys.readouterr().out
+    assert main(["bench", "make-mini", "--out", str(tmp_path), "--datasets", "nope"]) != 0
+    assert "unknown mini datasets" in capsys.readouterr().err
+
+
+def test_make_mini_all(tmp_path):
+    assert main(["bench", "make-mini", "--out", str(tmp_path)]) == 0
+    for folder in ("DAVIS", "VGPhraseCut_v0", "VOC2012", "splits"):
+        assert (tmp_path / folder).is_dir(), folder
+
+
+def test_verify_splits_flags_foreign_and_missing_files(mini, capsys):
+    assert main(["bench", "verify-splits", "--splits-dir", str(mini / "splits")]) == 1
+    table = capsys.readouterr().out
+    assert "MISMATCH" in table and "MISSING" in table  # mini pascal/fss lists, no coco pickles
+    assert "pascal/val/fold0.txt" in table
+
+
+@pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason="shared hsnet split files not present")
+def test_verify_splits_on_the_shared_copy_is_all_ok(capsys):
+    assert main(["bench", "verify-splits", "--splits-dir", str(SHARED_SPLITS)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| OK |") == 9 and "MISMATCH" not in table and "MISSING" not in table
+
+
+def test_bench_run_executes_a_suite(tmp_path, capsys):
+    from promptseg.cli import main
+    from promptseg.testing.mini_fewshot import make_mini_fewshot
+
+    make_mini_fewshot(tmp_path / "data", datasets=("pascal5i",))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(
+        "name: mini\nruns:\n"
+        "  - promptseg eval fss --dataset pascal5i --model test_colorkey --data-root ${DATA_ROOT}"
+        " --splits-dir ${DATA_ROOT}/splits --episodes 10\n"
+    )
+    assert (
+        main(
+            [
+                "bench",
+                "run",
+                str(suite),
+                "--data-root",
+                str(tmp_path / "data"),
+                "--out",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "mIoU 100.00" in out and "1 of 1 runs succeeded" in out
+    assert main(["bench", "run", str(suite)]) == 2  # ${DATA_ROOT} missing: a clear error
+    assert "DATA_ROOT" in capsys.readouterr().err
+    assert (
+        main(
+            ["bench", "run", "benchmarks/suites/sine_table1.yaml", "--data-root", "/d", "--dry-run"]
+        )
+        == 0
+    )
