@@ -107,6 +107,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment_video(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .imageio import save_label_png
+    from .zoo import create_model
+
+    folder = Path(args.frames)
+    frames = (
+        sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})
+        if folder.is_dir()
+        else []
+    )
+    if not frames:
+        raise FileNotFoundError(f"no frames (.jpg/.png) in {folder}; give a folder of video frames")
+    model = create_model(
+        args.model, checkpoint_path=args.checkpoint, cache_dir=args.cache_dir, device=args.device
+    )
+    out = Path(args.output)
+    labels = model.segment_video(
+        frames, args.first_mask, **({"memory": args.memory} if args.memory else {})
+    )
+    for frame, label_map in zip(frames, labels, strict=True):
+        save_label_png(out / f"{frame.stem}.png", label_map)
+    print(f"wrote {len(frames)} palette PNGs to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptseg",
@@ -157,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
     p.add_argument("-o", "--output", default="out", help="output folder (default ./out)")
+    cache(p)
+
+    p = add(
+        "segment-video",
+        cmd_segment_video,
+        "Video object segmentation: follow the objects of a first-frame mask through a video.",
+    )
+    p.add_argument("frames", help="folder of frames, processed in sorted file-name order")
+    p.add_argument("--first-mask", required=True, help="label PNG of frame 0 (object k = value k)")
+    p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="a video-capable model")
+    p.add_argument("--memory", type=int, help="memory frames per object (DAVIS-17 6, DAVIS-16 2)")
+    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
+    p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+    p.add_argument("-o", "--output", default="out", help="output folder for palette PNGs")
     cache(p)
 
     from .bench.cli import add_commands

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -450,3 +451,25 @@ def load_label_map(mask: MaskInput, size: tuple[int, int] | None = None) -> torc
             )
     out = t.to(torch.int64).contiguous()
     return _resize_nearest(out, size)
+
+
+def davis_palette() -> list[int]:
+    """The PASCAL VOC / DAVIS colour map as a flat 768-entry PIL palette (label k -> colour)."""
+    idx = np.arange(256)
+    pal = np.zeros((256, 3), dtype=np.int64)
+    for bit in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((idx >> (3 * bit + ch)) & 1) << (7 - bit)
+    return pal.astype(np.uint8).ravel().tolist()
+
+
+def save_label_png(path: str | os.PathLike, labels: np.ndarray | torch.Tensor) -> None:
+    """Write an integer label map [H, W] (0..255) as an indexed palette PNG (DAVIS format)."""
+    arr = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if arr.size and (arr.min() < 0 or arr.max() > 255):
+        raise ValueError(f"{path}: label values must be in 0..255 for an indexed PNG")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(arr.astype(np.uint8))
+    image.putpalette(davis_palette())
+    image.save(path)

@@ -132,3 +132,27 @@ def test_video_encodes_each_frame_once_and_labels_by_object(sine, monkeypatch):
     assert set(torch.cat([m.unique() for m in maps]).tolist()) <= {0, 1, 3}
     with pytest.raises(ValueError, match="no object"):
         next(sine.segment_video(frames, np.zeros((48, 80), np.uint8)))
+
+
+def test_segment_video_command(sine, tmp_path, capsys):
+    from PIL import Image
+
+    from promptseg.cli import main
+
+    rng = np.random.default_rng(2)
+    for t in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(
+            tmp_path / f"{t:05d}.jpg"
+        )
+    first = np.zeros((40, 56), np.uint8)
+    first[5:20, 5:30] = 2
+    Image.fromarray(first).save(tmp_path / "first.png")
+    ckpt = tmp_path / "sine.safetensors"
+    save_state_dict_file(sine.state_dict(), ckpt)
+    argv = ["segment-video", str(tmp_path), "--first-mask", str(tmp_path / "first.png")]
+    argv += ["--model", "sine_test_tiny", "--checkpoint", str(ckpt), "-o", str(tmp_path / "out")]
+    assert main(argv) == 0
+    written = sorted((tmp_path / "out").iterdir())
+    assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(written[0]).mode == "P" and Image.open(written[0]).size == (56, 40)
+    assert main(["segment-video", str(tmp_path / "nope"), "--first-mask", "x.png"]) == 2

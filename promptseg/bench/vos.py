@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..data.dense import DAVIS_VOID, DavisDataset, load_label_png
+from ..imageio import save_label_png
 from ..metrics.davis import db_statistics, evaluate_davis, f_measure, j_measure
 from ..transforms import resize_mask
 from .runner import (
@@ -39,30 +40,6 @@ VOS_DATASETS = {"davis17-val": "2017", "davis16-val": "2016"}
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
-def _palette() -> list[int]:
-    """The DAVIS / PASCAL VOC colour map as a flat 768-entry PIL palette."""
-    pal = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal += [r, g, b]
-    return pal
-
-
-def _save_indexed(path: Path, labels: np.ndarray, palette: list[int]) -> None:
-    if labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
-        raise ValueError(f"{path}: label values must be in 0..255 for an indexed PNG")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(labels.astype(np.uint8))  # mode L; putpalette makes it P
-    im.putpalette(palette)
-    im.save(path)
-
-
 def _first_mask_2017(data: DavisDataset, seq: str) -> np.ndarray:
     """Frame-0 DAVIS-2017 objects (unmerged, void -> 0), the prompt for both variants."""
     labels = load_label_png(data.annotation_path(seq, 0))
@@ -74,9 +51,7 @@ def _gt_size(data: DavisDataset, seq: str, index: int) -> tuple[int, int]:
         return im.height, im.width
 
 
-def _run_sequence(
-    model: Any, data: DavisDataset, seq: str, out_dir: Path, merge: bool, palette: list[int]
-) -> None:
+def _run_sequence(model: Any, data: DavisDataset, seq: str, out_dir: Path, merge: bool) -> None:
     frames = data.frames(seq)
     first = _first_mask_2017(data, seq)
     written = 0
@@ -89,7 +64,7 @@ def _run_sequence(
         arr = labels.cpu().numpy()
         if merge:
             arr = (arr > 0).astype(np.uint8)
-        _save_indexed(out_dir / seq / f"{frame.stem}.png", arr, palette)
+        save_label_png(out_dir / seq / f"{frame.stem}.png", arr)
         written += 1
     if written != len(frames):
         raise RuntimeError(
@@ -174,13 +149,12 @@ def eval_vos(
     progress = Progress(directory, resume=resume, key=key, every=1)
     if not resume and png_dir.exists():
         shutil.rmtree(png_dir)
-    palette = _palette()
     n_frames = {s: len(data.frames(s)) for s in sequences}
     with torch.inference_mode():
         for seq in progress.iterate(sequences, len(sequences), dict, desc=f"vos {dataset}"):
             if (png_dir / seq).exists():
                 shutil.rmtree(png_dir / seq)  # a sequence interrupted half-way is redone
-            _run_sequence(model, data, seq, png_dir, merge, palette)
+            _run_sequence(model, data, seq, png_dir, merge)
     progress.save({})
     if merge:
         scores = _evaluate_merged(data, png_dir, sequences)

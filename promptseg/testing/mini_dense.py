@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from promptseg.data.dense import SEMSEG_NUM_CLASSES
+from promptseg.imageio import davis_palette
 from promptseg.metrics.panoptic import id2rgb
 from promptseg.testing.colors import BACKGROUND, class_color
 
@@ -27,7 +28,6 @@ __all__ = [
     "MIN_COLOR_DISTANCE",
     "make_mini_dense",
     "separable",
-    "voc_palette",
 ]
 
 DENSE_DATASETS = (
@@ -96,16 +96,6 @@ def _pick_ids(names: Sequence[str], n: int, start: int = 0) -> list[int]:
     if len(picked) < n:
         raise RuntimeError(f"only {len(picked)} separable classes from id {start}")
     return picked
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC / DAVIS colour map as a flat 768-entry PIL palette (255 -> 224,224,192)."""
-    idx = np.arange(256)
-    pal = np.zeros((256, 3), dtype=np.int64)
-    for bit in range(8):
-        for ch in range(3):
-            pal[:, ch] |= ((idx >> (3 * bit + ch)) & 1) << (7 - bit)
-    return pal.astype(np.uint8).ravel().tolist()
 
 
 def _mkparent(path: Path) -> Path:
@@ -191,7 +181,7 @@ def _write_davis(root: Path, rng: np.random.Generator) -> Path:
     davis = root / "DAVIS"
     names = [f"{s}/{k}" for s, spec in _DAVIS_SEQS.items() for k in spec["objects"]]
     _check_separable(names, names, "DAVIS")
-    palette = voc_palette()
+    palette = davis_palette()
     for seq, spec in _DAVIS_SEQS.items():
         h, w = spec["size"]
         for t in range(6):

@@ -23,10 +23,11 @@ from promptseg.data.dense import (
     polygons_to_mask,
 )
 from promptseg.errors import DatasetLayoutError
+from promptseg.imageio import davis_palette
 from promptseg.metrics.davis import evaluate_davis
 from promptseg.metrics.panoptic import pq_compute, read_id_png
 from promptseg.testing.colors import BACKGROUND, class_color
-from promptseg.testing.mini_dense import DENSE_DATASETS, make_mini_dense, separable, voc_palette
+from promptseg.testing.mini_dense import DENSE_DATASETS, make_mini_dense, separable
 
 JPEG_TOL = 2  # quality 100, no subsampling, 8-aligned flat blocks
 
@@ -85,7 +86,7 @@ def test_writer_subset_and_seed(tmp_path: Path):
 def test_separable_and_palette():
     assert separable(["person"], ["person"]) == ["person"]
     assert separable(["a", "a"], ["a"]) == ["a", "a"]
-    pal = voc_palette()
+    pal = davis_palette()
     assert len(pal) == 768
     assert pal[3:6] == [128, 0, 0] and pal[6:9] == [0, 128, 0] and pal[-3:] == [224, 224, 192]
 
@@ -123,7 +124,7 @@ def test_davis_2017(mini):
 def test_davis_ground_truth_scores_perfect(mini, tmp_path: Path):
     _, paths = mini
     ds = DavisDataset(paths["davis"], year="2017")
-    pal = voc_palette()
+    pal = davis_palette()
     for seq in ds.sequences():
         for t, f in enumerate(ds.frames(seq)):
             lab = ds.annotation(seq, t)
