@@ -113,11 +113,12 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
     from .imageio import save_label_png
     from .zoo import create_model
 
-    folder = Path(args.frames)
-    frames = (
-        sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png", ".bmp"})
-        if folder.is_dir()
-        else []
+    folder, first = Path(args.frames), Path(args.first_mask).resolve()
+    suffixes = {".jpg", ".jpeg", ".png", ".bmp"}
+    frames = sorted(
+        p
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if p.suffix.lower() in suffixes and p.resolve() != first
     )
     if not frames:
         raise FileNotFoundError(f"no frames (.jpg/.png) in {folder}; give a folder of video frames")
