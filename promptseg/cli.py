@@ -135,6 +135,18 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train_sine
+
+    config = TrainConfig.from_yaml(args.config)
+    for key in ("steps", "out", "device"):
+        if getattr(args, key) is not None:
+            setattr(config, key, getattr(args, key))
+    losses = train_sine(config)
+    print(f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {config.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="promptseg",
@@ -200,6 +212,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
     p.add_argument("-o", "--output", default="out", help="output folder for palette PNGs")
     cache(p)
+
+    p = add("train", cmd_train, "Fine-tune a model's trainable parts (SINE) on a COCO dataset.")
+    p.add_argument("family", choices=["sine"], help="model family to train")
+    p.add_argument("--config", required=True, help="YAML: model, annotations, images, steps, ...")
+    p.add_argument("--steps", type=int, help="override the config's number of steps")
+    p.add_argument("--out", help="override the config's output folder")
+    p.add_argument("--device", help="cpu, cuda, ...")
 
     from .bench.cli import add_commands
 
