@@ -156,3 +156,17 @@ def test_segment_video_command(sine, tmp_path, capsys):
     assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png"]
     assert Image.open(written[0]).mode == "P" and Image.open(written[0]).size == (56, 40)
     assert main(["segment-video", str(tmp_path / "nope"), "--first-mask", "x.png"]) == 2
+
+
+def test_instance_level_decodes_without_id_tokens(sine, scene):
+    img, a, b = scene
+    emb = sine.embed_image(img)
+    prompt = sine.encode_prompt([SupportSet([(img, a), (img, b)])])
+    with torch.no_grad():
+        ((_, fsod),) = sine.decode(emb.features, prompt, "instance")
+        ((_, fss),) = sine.decode(emb.features, prompt, "semantic")
+        f = emb.features
+        direct = sine.head(f["feats"], f["mfeat"], None, prompt[0].tokens.sem_tokens, aux=False)
+    assert fsod["pred_id_logits"].shape[0] == 0
+    torch.testing.assert_close(fsod["pred_logits"], direct["pred_logits"], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(fsod["pred_logits"], fss["pred_logits"])

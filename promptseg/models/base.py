@@ -74,7 +74,7 @@ class PromptSegModel(nn.Module):
     def encode_prompt(self, prompts: list[Prompt]) -> Any:
         raise NotImplementedError
 
-    def decode(self, features: Any, prompt_embeddings: Any) -> Any:
+    def decode(self, features: Any, prompt_embeddings: Any, level: str | None = None) -> Any:
         raise NotImplementedError
 
     def postprocess(self, raw: Any, embedding: ImageEmbedding, prompts: list[Prompt], **kw: Any):
@@ -149,7 +149,7 @@ class PromptSegModel(nn.Module):
                 prompt_embeddings = self.encode_prompt(prompts)
             timings["encode_prompt"] = time.perf_counter() - start
             start = time.perf_counter()
-            raw = self.decode(embedding.features, prompt_embeddings)
+            raw = self.decode(embedding.features, prompt_embeddings, kw.get("level"))
             timings["decode"] = time.perf_counter() - start
             start = time.perf_counter()
             result = self.postprocess(raw, embedding, prompts, **kw)

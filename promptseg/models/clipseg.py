@@ -140,7 +140,9 @@ class CLIPSeg(PromptSegModel):
         return self.backbone.encode_image(torch.stack(batch))
 
     # -- decode and postprocess -----------------------------------------------------------------
-    def decode(self, features: torch.Tensor, prompt_embeddings: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self, features: torch.Tensor, prompt_embeddings: torch.Tensor, level: str | None = None
+    ) -> torch.Tensor:
         """Logits [P, S, S] of every prompt against the (single) cached image."""
         return self.head(features, prompt_embeddings.to(features.dtype))
 

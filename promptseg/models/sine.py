@@ -262,15 +262,25 @@ class SINE(PromptSegModel):
             yield resize_mask(label_map.cpu(), size)
 
     # -- decode and postprocess ----------------------------------------------------------------
-    def decode(self, features: dict[str, torch.Tensor], prompt_embeddings: list[SINEPrompt]):
-        """Head outputs per prompt (final stage only)."""
+    def decode(
+        self,
+        features: dict[str, torch.Tensor],
+        prompt_embeddings: list[SINEPrompt],
+        level: str | None = None,
+    ):
+        """Head outputs per prompt (final stage only).
+
+        `level="instance"` decodes without ID tokens, as the official few-shot instance
+        segmentation does (`use_id_query: False`); tokens interact, so this changes the result.
+        """
+        keep_ids = level != "instance"
         return [
             (
                 p,
                 self.head(
                     features["feats"],
                     features["mfeat"],
-                    p.tokens.id_tokens,
+                    p.tokens.id_tokens if keep_ids else None,
                     p.tokens.sem_tokens,
                     image_sa=features["image_sa"],
                     aux=False,

@@ -110,7 +110,9 @@ class ColorKey(PromptSegModel):
                 entry["colors"].append(color)
         return list(groups.values())
 
-    def decode(self, features: torch.Tensor, prompt_embeddings: list[list[dict]]) -> list:
+    def decode(
+        self, features: torch.Tensor, prompt_embeddings: list[list[dict]], level: str | None = None
+    ) -> list:
         """Per prompt and entry, the bool mask [H, W] of the entry's colours."""
         image = features
         out = []
