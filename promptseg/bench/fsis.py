@@ -21,9 +21,9 @@ from .runner import (
     Progress,
     environment,
     model_record,
-    now_iso,
     run_dir,
     write_json,
+    write_result,
 )
 
 __all__ = ["FSIS_DATASETS", "eval_fsis", "parse_seeds"]
@@ -158,11 +158,8 @@ def eval_fsis(
         "env": environment(model),
         "metrics": metrics,
         "per_seed": per_seed,
-        "timing": {"total_s": total_s, "per_image_ms": 1000 * total_s / max(n_images, 1)},
-        "created": now_iso(),
     }
-    write_json(directory / "result.json", payload)
-    return payload
+    return write_result(directory, payload, total_s, n_images, "image")
 
 
 def _mean(values: list[float]) -> float:

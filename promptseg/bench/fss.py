@@ -23,9 +23,8 @@ from .runner import (
     Progress,
     environment,
     model_record,
-    now_iso,
     run_dir,
-    write_json,
+    write_result,
 )
 
 __all__ = ["eval_fss", "protocol_resolution"]
@@ -117,15 +116,9 @@ def eval_fss(
             for row in evaluator.records()
         ],
         "accumulators": evaluator.state_dict(),
-        "timing": {
-            "total_s": timing_total,
-            "per_episode_ms": 1000 * timing_total / max(len(eps), 1),
-        },
-        "created": now_iso(),
     }
-    write_json(directory / "result.json", payload)
     progress.finish()
-    return payload
+    return write_result(directory, payload, timing_total, len(eps), "episode")
 
 
 def _at(mask: np.ndarray | None, size: tuple[int, int] | None) -> np.ndarray | None:

@@ -34,9 +34,9 @@ from .runner import (
     Progress,
     environment,
     model_record,
-    now_iso,
     run_dir,
     write_json,
+    write_result,
 )
 
 __all__ = ["OVSEG_DATASETS", "TASKS", "eval_ovseg", "read_vocabulary_file"]
@@ -275,15 +275,9 @@ def eval_ovseg(
         "per_class": per_class,
         "accumulators": accumulators,
         "files": files,
-        "timing": {
-            "total_s": timing_total,
-            "per_image_ms": 1000 * timing_total / max(len(items), 1),
-        },
-        "created": now_iso(),
     }
-    write_json(directory / "result.json", payload)
     progress.finish()
-    return payload
+    return write_result(directory, payload, timing_total, len(items), "image")
 
 
 def _id_map(result: Any) -> np.ndarray:

@@ -27,9 +27,8 @@ from .runner import (
     Progress,
     environment,
     model_record,
-    now_iso,
     run_dir,
-    write_json,
+    write_result,
 )
 
 __all__ = ["PAPER_THRESHOLDS", "eval_refer", "parse_thresholds"]
@@ -161,12 +160,6 @@ def eval_refer(
         "oracle": oracle,
         "ap_ties": summary["ap_ties"],
         "accumulators": metric.state_dict(),
-        "timing": {
-            "total_s": timing_total,
-            "per_sample_ms": 1000 * timing_total / max(len(samples), 1),
-        },
-        "created": now_iso(),
     }
-    write_json(directory / "result.json", payload)
     progress.finish()
-    return payload
+    return write_result(directory, payload, timing_total, len(samples), "sample")

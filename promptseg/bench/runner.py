@@ -29,6 +29,7 @@ __all__ = [
     "model_record",
     "run_dir",
     "write_json",
+    "write_result",
 ]
 
 SCHEMA_VERSION = 1
@@ -170,3 +171,13 @@ def _git_commit() -> str | None:
 
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_result(
+    directory: Path, payload: dict[str, Any], seconds: float, n_items: int, unit: str
+) -> dict[str, Any]:
+    """Add timing (total and per `unit`) and the creation time; write result.json."""
+    payload["timing"] = {"total_s": seconds, f"per_{unit}_ms": 1000 * seconds / max(n_items, 1)}
+    payload["created"] = now_iso()
+    write_json(directory / "result.json", payload)
+    return payload

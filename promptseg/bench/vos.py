@@ -29,9 +29,8 @@ from .runner import (
     Progress,
     environment,
     model_record,
-    now_iso,
     run_dir,
-    write_json,
+    write_result,
 )
 
 __all__ = ["VOS_DATASETS", "eval_vos"]
@@ -186,13 +185,8 @@ def eval_vos(
         "metrics": {m: 100.0 * scores[m] for m in MEASURES},
         "per_object": scores["per_object"],
         "pngs": str(png_dir) if save_pngs else None,
-        "timing": {
-            "total_s": timing_total,
-            "per_frame_ms": 1000 * timing_total / max(total_frames, 1),
-        },
-        "created": now_iso(),
     }
-    write_json(directory / "result.json", payload)
+    write_result(directory, payload, timing_total, total_frames, "frame")
     progress.finish()
     if not save_pngs:
         shutil.rmtree(png_dir, ignore_errors=True)
