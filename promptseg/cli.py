@@ -66,6 +66,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .weights import (
+        blame_file,
+        checkpoint_hint,
         convert_checkpoint,
         load_native_state_dict,
         load_state_dict_file,
@@ -75,7 +77,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .zoo import build_model, model_info
 
     card = model_info(args.name)
-    state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
+    with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
+        state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
     load_native_state_dict(build_model(card), state, str(args.file))  # verify before caching
     out = args.output or native_checkpoint_path(card, args.cache_dir)
     save_state_dict_file(state, out)

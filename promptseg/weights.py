@@ -46,6 +46,9 @@ __all__ = [
     "save_state_dict_file",
     "sha256_file",
     "unwrap_state_dict",
+    "where_to_get",
+    "blame_file",
+    "checkpoint_hint",
 ]
 
 SOURCE_KINDS = ("hf", "url", "manual")
@@ -161,8 +164,8 @@ def resolve_file(
             _verify(
                 cached,
                 source.sha256,
-                what_to_do="It was not overwritten: delete or replace it, "
-                "or pass `checkpoint_path=` to use a file you trust.",
+                what_to_do="It was not overwritten: delete it or replace it with a good copy from "
+                f"{source.describe()}, or pass `checkpoint_path=` to use a file you trust.",
             )
             return cached
 
@@ -555,21 +558,30 @@ def convert_checkpoint(
 def fetch_native(
     card: Any, *, cache_dir: str | os.PathLike[str] | None = None, progress: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Obtain a model's released weights (first route that works), convert and cache them."""
+    """Obtain a model's released weights (first route that works), convert and cache them.
+
+    Routes whose file is already in the cache (e.g. placed there by hand) are tried before any
+    route that would download, so a file put in place is never ignored for a download.
+    """
     if not card.weights:
         raise WeightsNotFoundError(
             f"{card.name} has no released weights; build it with pretrained=False "
             "or pass checkpoint_path= to load your own"
         )
+    folder = cache_root(cache_dir) / card.name
+    routes = sorted(
+        card.weights, key=lambda r: not any((folder / s.filename).is_file() for s in r.files)
+    )
     failures = []
-    for route in card.weights:
+    for route in routes:
         try:
             path = resolve_file(card.name, route.files, cache_dir=cache_dir, progress=progress)
-            state = _converter(route.converter)(
-                load_state_dict_file(path), _requirer(cache_dir, progress)
-            )
+            with blame_file(path, where_to_get(card, cache_dir)):
+                state = _converter(route.converter)(
+                    load_state_dict_file(path), _requirer(cache_dir, progress)
+                )
         except WeightsNotFoundError as exc:
-            failures.append(str(exc))
+            failures.append(str(exc) + _component_note(route, cache_dir))
             continue
         save_state_dict_file(state, native_checkpoint_path(card, cache_dir))
         return state
@@ -577,6 +589,46 @@ def fetch_native(
     raise WeightsNotFoundError(
         f"no weights for {card.name} could be found or downloaded. Any one option below is enough; "
         f"or convert a file you have with `promptseg convert {card.name} FILE`.\n\n{tried}"
+    )
+
+
+def _component_note(route: Any, cache_dir: str | os.PathLike[str] | None) -> str:
+    """Tell up front which shared components a route also needs, and where they go."""
+    from .zoo import component
+
+    lines = [
+        f"\nThis option also needs the component {name}: one of "
+        + ", ".join(str(cache_root(cache_dir) / name / s.filename) for s in component(name))
+        + f" (sources: {'; '.join(s.describe() for s in component(name))})."
+        for name in route.requires
+    ]
+    return "".join(lines)
+
+
+def where_to_get(card: Any, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """Every source of a model's weights and the cache path each file belongs at."""
+    folder = cache_root(cache_dir) / card.name
+    sources = [s for route in card.weights for s in route.files]
+    lines = [f"  - {s.describe()} -> {folder / s.filename}" for s in sources]
+    if not lines:
+        return f"{card.name} has no released weights; pass a checkpoint of your own."
+    return "Good copies come from (and belong at):\n" + "\n".join(lines)
+
+
+@contextlib.contextmanager
+def blame_file(path: str | os.PathLike[str], hint: str) -> Iterator[None]:
+    """Make a layout or corruption error raised inside name the file and say what to do."""
+    try:
+        yield
+    except CheckpointFormatError as exc:
+        raise CheckpointFormatError(f"{path}: {exc}\n{hint}") from exc
+
+
+def checkpoint_hint(card: Any, cache_dir: str | os.PathLike[str] | None) -> str:
+    """What a `checkpoint_path` / `promptseg convert` file must be, and where to get one."""
+    return (
+        f"It must be a {card.family} checkpoint in a layout promptseg converts "
+        f"(`promptseg info {card.name}` lists the sources). {where_to_get(card, cache_dir)}"
     )
 
 
@@ -615,14 +667,17 @@ def load_pretrained(
     """Load weights into `model`: checkpoint_path > converted cache > hub > URL (design §4)."""
     if checkpoint_path is not None:
         origin = str(checkpoint_path)
-        state = convert_checkpoint(
-            card, load_state_dict_file(checkpoint_path), cache_dir=cache_dir, progress=progress
-        )
+        with blame_file(origin, checkpoint_hint(card, cache_dir)):
+            state = convert_checkpoint(
+                card, load_state_dict_file(checkpoint_path), cache_dir=cache_dir, progress=progress
+            )
     else:
         native = native_checkpoint_path(card, cache_dir)
         origin = str(native)
         if native.is_file():
-            state = load_state_dict_file(native)
+            hint = "Delete it; the next load converts the weights again."
+            with blame_file(origin, f"{hint} {where_to_get(card, cache_dir)}"):
+                state = load_state_dict_file(native)
         else:
             state = fetch_native(card, cache_dir=cache_dir, progress=progress)
     load_native_state_dict(model, state, origin)

@@ -92,6 +92,21 @@ def test_official_decoder_only_file_loads_strictly(name, d, refined, with_reduce
     torch.testing.assert_close(model.head.reduces[0].bias, sd["reduces.0.bias"])
 
 
+def official_file_of(hf) -> dict[str, torch.Tensor]:
+    """The decoder of a transformers CLIPSeg under the official file's key names (spec §4.1)."""
+    decoder = {k: v for k, v in convert_clipseg(hf.state_dict()).items() if k.startswith("head.")}
+    official = {}
+    for k, v in decoder.items():
+        k = (
+            k[len("head.") :]
+            .replace("upsample", "trans_conv")
+            .replace(".qkv.", ".self_attn.in_proj_")
+        )
+        k = k.replace(".proj.", ".self_attn.out_proj.").replace(".fc1.", ".linear1.")
+        official[k.replace(".fc2.", ".linear2.")] = v
+    return official
+
+
 def tiny_clip_openai_names() -> dict[str, torch.Tensor]:
     model = build_model(model_info("clipseg_test_tiny"))
     return {
@@ -106,16 +121,7 @@ def test_decoder_only_checkpoint_fetches_clip_component_from_cache(tmp_path, mon
     clip = tiny_clip_openai_names()
     save_state_dict_file(clip, tmp_path / "openai_clip_vitb16" / "open_clip_model.safetensors")
     hf = hf_model(TINY, refined=True)
-    decoder = {k: v for k, v in convert_clipseg(hf.state_dict()).items() if k.startswith("head.")}
-    official = {}  # native head keys back to official names, as the released files have them
-    for k, v in decoder.items():
-        k = (
-            k[len("head.") :]
-            .replace("upsample", "trans_conv")
-            .replace(".qkv.", ".self_attn.in_proj_")
-        )
-        k = k.replace(".proj.", ".self_attn.out_proj.").replace(".fc1.", ".linear1.")
-        official[k.replace(".fc2.", ".linear2.")] = v
+    official = official_file_of(hf)
     path = tmp_path / "rd-tiny.pth"
     torch.save(official, path)
     model = create_model("clipseg_test_tiny", checkpoint_path=path, cache_dir=tmp_path)
@@ -211,3 +217,66 @@ def test_bad_checkpoints_raise_named_errors(tmp_path):
             },
             "rd16-uni.pth",
         )
+
+
+def test_file_placed_by_hand_is_used_before_any_download(tmp_path, monkeypatch):
+    """Online, a hand-placed official decoder in the cache wins over the hub route (tried first)."""
+    monkeypatch.delenv("PROMPTSEG_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*args, **kw):
+        raise AssertionError(f"network used: {args}")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr("urllib.request.urlopen", no_network)
+    hf = hf_model(TINY, refined=True)
+    released = model_info("clipseg_vitb16_rd64.refined")
+    card = replace(model_info("clipseg_test_tiny"), name="tiny.byhand", weights=released.weights)
+    (tmp_path / "tiny.byhand").mkdir()
+    torch.save(official_file_of(hf), tmp_path / "tiny.byhand" / "rd64-uni-refined.pth")
+    save_state_dict_file(
+        tiny_clip_openai_names(), tmp_path / "openai_clip_vitb16" / "open_clip_model.safetensors"
+    )
+    model = build_model(card)
+    load_pretrained(model, card, cache_dir=tmp_path, progress=False)
+    torch.testing.assert_close(model.head.film_mul.weight, hf.decoder.film_mul.weight)
+
+
+def test_offline_miss_says_the_official_route_also_needs_clip(tmp_path):
+    card = replace(
+        model_info("clipseg_test_tiny"), weights=model_info("clipseg_vitb16_rd64.uni").weights
+    )
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_pretrained(build_model(card), card, cache_dir=tmp_path, progress=False)
+    text = str(err.value)
+    assert "also needs the component openai_clip_vitb16" in text
+    assert str(tmp_path / "openai_clip_vitb16" / "ViT-B-16.pt") in text
+
+
+def test_unknown_layout_names_the_file_and_where_good_copies_come_from(tmp_path):
+    released = model_info("clipseg_vitb16_rd64.refined")
+    card = replace(model_info("clipseg_test_tiny"), name="tiny.layout", weights=released.weights)
+    path = tmp_path / "mystery.safetensors"
+    save_state_dict_file({"foo.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointFormatError) as err:
+        load_pretrained(build_model(card), card, checkpoint_path=path, cache_dir=tmp_path)
+    text = str(err.value)
+    assert str(path) in text and "unknown CLIPSeg checkpoint layout" in text
+    assert "CIDAS/clipseg-rd64-refined" in text
+    assert str(tmp_path / "tiny.layout" / "rd64-uni-refined.pth") in text
+    # the same file in the cache, where a download would have put it
+    cached = tmp_path / "tiny.layout" / "model.safetensors"
+    save_state_dict_file({"foo.weight": torch.zeros(1)}, cached)
+    with pytest.raises(CheckpointFormatError) as err:
+        load_pretrained(build_model(card), card, cache_dir=tmp_path, progress=False)
+    assert str(cached) in str(err.value) and "Good copies come from" in str(err.value)
+
+
+def test_corrupt_converted_cache_names_the_file_and_says_delete_it(tmp_path):
+    card = replace(model_info("clipseg_test_tiny"), name="tiny.corrupt")
+    native = native_checkpoint_path(card, tmp_path)
+    native.parent.mkdir(parents=True)
+    native.write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointFormatError) as err:
+        load_pretrained(build_model(card), card, cache_dir=tmp_path)
+    assert str(native) in str(err.value) and "Delete it" in str(err.value)
