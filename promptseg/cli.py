@@ -86,14 +86,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prompts_from_args(args: argparse.Namespace) -> list:
+    """--text, --ref (one-shot each) and --shot (all together one k-shot SupportSet) -> prompts."""
+    from .prompts import SupportSet, TextPrompt, VisualPrompt
+
+    prompts: list = [TextPrompt(t) for t in args.text or []]
+    prompts += [VisualPrompt(img, mask) for img, mask in args.ref or []]
+    if args.shot:
+        prompts.append(SupportSet([s for shot in args.shot for s in _shot_prompts(shot)]))
+    return prompts
+
+
+def _shot_prompts(shot: list[str]) -> list:
+    """`IMAGE MASK [CLASS]` -> one VisualPrompt per object of MASK.
+
+    A mask with one foreground value is one object; a label map (several values, e.g. a
+    palette PNG) gives one object per value, with that value as its object id across shots.
+    """
+    from .imageio import load_label_map
+    from .prompts import VisualPrompt
+
+    if len(shot) not in (2, 3):
+        raise ValueError(f"--shot takes IMAGE MASK [CLASS], got {len(shot)} values: {shot}")
+    image, mask = shot[:2]
+    try:
+        class_id = int(shot[2]) if len(shot) == 3 else 0
+    except ValueError:
+        raise ValueError(f"--shot CLASS must be an integer class id, got {shot[2]!r}") from None
+    labels = load_label_map(mask)
+    values = [int(v) for v in labels.unique() if v != 0]
+    if len(values) <= 1:
+        return [VisualPrompt(image, mask, class_id=class_id)]
+    return [VisualPrompt(image, labels == v, class_id=class_id, object_id=v) for v in values]
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .prompts import TextPrompt, VisualPrompt
     from .zoo import create_model
 
-    prompts = [TextPrompt(t) for t in args.text or []]
-    prompts += [VisualPrompt(img, mask) for img, mask in args.ref or []]
-    if not prompts:
-        raise SystemExit("segment: give at least one --text T or --ref IMAGE MASK")
+    prompts = _prompts_from_args(args)
+    if bool(prompts) == bool(args.prompt_file):
+        raise ValueError(
+            "segment: give prompts (--text T, --ref IMAGE MASK, --shot IMAGE MASK [CLASS]) "
+            "or --prompt-file FILE from `promptseg encode-prompt`, not both and not neither"
+        )
     model = create_model(
         args.model,
         pretrained=True,
@@ -101,12 +136,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         device=args.device,
     )
-    result = model.segment(args.image, prompts, threshold=args.threshold)
+    if args.prompt_file:
+        prompts = model.load_prompt_embedding(args.prompt_file)
+    result = model.segment(args.image, prompts, level=args.level, threshold=args.threshold)
     paths = result.save(args.output)
     areas = result.masks.sum(dim=(1, 2))
-    for label, score, area in zip(result.labels, result.scores, areas, strict=True):
-        print(f"{label!r}: score {float(score):.3f}, {int(area)} pixels")
+    for label, level, score, area in zip(
+        result.labels, result.level, result.scores, areas, strict=True
+    ):
+        print(f"{label!r} ({level}): score {float(score):.3f}, {int(area)} pixels")
     print(f"wrote {len(paths)} files to {args.output}")
+    return 0
+
+
+def cmd_encode_prompt(args: argparse.Namespace) -> int:
+    from .zoo import create_model
+
+    prompts = _prompts_from_args(args)
+    if not prompts:
+        raise ValueError("encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable) or --ref")
+    model = create_model(
+        args.model, checkpoint_path=args.checkpoint, cache_dir=args.cache_dir, device=args.device
+    )
+    model.save_prompt_embedding(model.encode_prompt(model.prepare_prompts(prompts)), args.output)
+    print(f"encoded {len(prompts)} prompt(s) into {args.output}")
     return 0
 
 
@@ -165,6 +218,30 @@ def build_parser() -> argparse.ArgumentParser:
     def cache(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cache-dir", help="weights cache (default: $PROMPTSEG_CACHE or ~/.cache)")
 
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+        p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+        cache(p)
+
+    def prompt_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--text", action="append", metavar="T", help="text prompt (repeatable)")
+        p.add_argument(
+            "--ref",
+            nargs=2,
+            action="append",
+            metavar=("IMAGE", "MASK"),
+            help="a one-shot visual prompt (repeatable: each --ref is segmented on its own)",
+        )
+        p.add_argument(
+            "--shot",
+            nargs="+",
+            action="append",
+            metavar="IMAGE MASK [CLASS]",
+            help="a reference of one k-shot prompt (repeatable: all --shot together form one "
+            "prompt); CLASS is an integer class id (default 0); a label-map MASK gives one "
+            "object per value",
+        )
+
     p = add("list", cmd_list, "List model names (arch.tag) with their capabilities.")
     p.add_argument("filter", nargs="?", default="", help="fnmatch pattern, e.g. 'clipseg*'")
     p.add_argument("--pretrained", action="store_true", help="only names with released weights")
@@ -192,15 +269,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("segment", cmd_segment, "Segment an image; writes mask PNGs, overlay.png, result.json.")
     p.add_argument("image")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
-    p.add_argument("--text", action="append", metavar="T", help="text prompt (repeatable)")
+    prompt_args(p)
+    p.add_argument("--prompt-file", help="an encoded prompt written by `promptseg encode-prompt`")
     p.add_argument(
-        "--ref", nargs=2, action="append", metavar=("IMAGE", "MASK"), help="visual prompt"
+        "--level",
+        choices=["semantic", "instance", "identity", "all"],
+        help="which outputs (SINE: same objects, scored instances, one mask per class, or all)",
     )
     p.add_argument("--threshold", type=float, help="probability threshold (default: the tag's)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
-    p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+    model_args(p)
     p.add_argument("-o", "--output", default="out", help="output folder (default ./out)")
-    cache(p)
+
+    p = add(
+        "encode-prompt",
+        cmd_encode_prompt,
+        "Encode reference images + masks once (e.g. SINE k-shot prototypes) into a file that "
+        "`segment --prompt-file` reuses for any number of images.",
+    )
+    p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="model name")
+    prompt_args(p)
+    model_args(p)
+    p.add_argument("-o", "--output", required=True, help="file to write (.safetensors)")
 
     p = add(
         "segment-video",
@@ -211,10 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-mask", required=True, help="label PNG of frame 0 (object k = value k)")
     p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="a video-capable model")
     p.add_argument("--memory", type=int, help="memory frames per object (DAVIS-17 6, DAVIS-16 2)")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+    model_args(p)
     p.add_argument("-o", "--output", default="out", help="output folder for palette PNGs")
-    cache(p)
 
     p = add("train", cmd_train, "Fine-tune a model's trainable parts (SINE) on a COCO dataset.")
     p.add_argument("family", choices=["sine"], help="model family to train")

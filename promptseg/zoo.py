@@ -171,6 +171,30 @@ def build_model(card: ModelCard) -> torch.nn.Module:
     return MODELS[card.family](card)
 
 
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """Parse a device and make sure this machine has it, before any weights are loaded."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(
+            f"device {device!r} is not a device name torch knows; use 'cpu', 'cuda', 'cuda:1'"
+        ) from exc
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ValueError(
+                f"device {device!r} was requested but this machine has {count} usable CUDA "
+                "device(s); use device='cpu' (or a CUDA index below the count)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} was requested but MPS is not available; use 'cpu'")
+    elif dev.type not in {"cpu", "cuda", "mps"}:
+        raise ValueError(f"device {device!r}: promptseg runs on 'cpu', 'cuda' or 'mps'")
+    return dev
+
+
 def create_model(
     name: str,
     pretrained: bool = True,
@@ -186,6 +210,12 @@ def create_model(
     takes precedence over the cache, the Hugging Face hub and URLs.
     """
     card = _card(name)
+    device = check_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), "
+            f"got {dtype!r}"
+        )
     model = build_model(card)
     if checkpoint_path is not None or pretrained:
         from .weights import load_pretrained

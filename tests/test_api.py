@@ -161,10 +161,24 @@ def test_unsupported_prompt_kinds_name_the_capability(tiny_clipseg, rgb, box_mas
 
 
 def test_reference_masks_empty_and_full(tiny_clipseg, rgb, box_mask):
-    with pytest.raises(ValueError, match="no foreground pixel"):
+    with pytest.raises(ValueError, match="marks no pixel"):
         tiny_clipseg.segment(rgb, (rgb, np.zeros_like(box_mask)))
     res = tiny_clipseg.segment(rgb, (rgb, np.ones_like(box_mask)))  # whole image = the object
     assert res.masks.shape == (1, 48, 80)
+
+
+def test_reference_object_lost_in_the_resize_is_a_clear_error(tiny_clipseg):
+    big = np.zeros((600, 900, 3), dtype=np.uint8)
+    speck = np.zeros((600, 900), dtype=bool)
+    speck[301, 451] = True  # one pixel: no pixel centre of the 64x64 input falls on it
+    with pytest.raises(ValueError, match="too small to survive"):
+        tiny_clipseg.segment(big, (big, speck))
+
+
+def test_empty_mask_box_is_the_whole_image():
+    from promptseg.models.clipseg import _mask_box
+
+    assert _mask_box(torch.zeros(8, 10, dtype=torch.bool)) == (0, 8, 0, 10)
 
 
 def test_bad_inputs_fail_with_messages(tiny_clipseg, rgb, box_mask, tmp_path):
@@ -239,3 +253,13 @@ def test_predictor_caches_by_content(tiny_clipseg, rgb, monkeypatch):
     pred.set_image_embedding(saved)
     pred.set_prompt("a cup")
     assert pred.predict().labels == ["a cup"] and len(calls) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_unavailable_or_unknown_device_is_a_clear_error():
+    with pytest.raises(ValueError, match="0 usable CUDA"):
+        promptseg.create_model("clipseg_test_tiny", pretrained=False, device="cuda")
+    with pytest.raises(ValueError, match="not a device name"):
+        promptseg.create_model("clipseg_test_tiny", pretrained=False, device="gpu0")
+    with pytest.raises(TypeError, match="floating torch.dtype"):
+        promptseg.create_model("clipseg_test_tiny", pretrained=False, dtype="half")

@@ -28,7 +28,7 @@ def files(rgb, box_mask, tmp_path):
 
 
 def test_every_command_has_help(capsys):
-    for cmd in ["list", "info", "download", "convert", "segment"]:
+    for cmd in ["list", "info", "download", "convert", "segment", "encode-prompt", "segment-video"]:
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([cmd, "--help"])
         assert exit_.value.code == 0
@@ -98,3 +98,47 @@ def test_errors_are_one_line_not_tracebacks(files, tmp_path, capsys):
         == 2
     )
     assert "unknown CLIPSeg checkpoint layout" in capsys.readouterr().err
+
+
+def test_bad_device_is_one_line(files, tmp_path, capsys):
+    img, _ = files
+    argv = ["segment", str(img), "--model", "clipseg_test_tiny", "--text", "a", "--device", "gpu0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptseg segment: error:") and "gpu0" in err and "Traceback" not in err
+
+
+def test_shot_arguments_make_one_support_set(files, tmp_path):
+    from promptseg.cli import _prompts_from_args
+    from promptseg.prompts import SupportSet
+
+    img, mask = files
+    labels = np.zeros((48, 80), dtype=np.uint8)
+    labels[:10, :10], labels[20:30, 20:30] = 3, 5
+    Image.fromarray(labels).save(tmp_path / "labels.png")
+    args = build_parser().parse_args(
+        [
+            "segment",
+            str(img),
+            "--shot",
+            str(img),
+            str(mask),
+            "--shot",
+            str(img),
+            str(tmp_path / "labels.png"),
+            "2",
+        ]
+    )
+    (prompt,) = _prompts_from_args(args)
+    assert isinstance(prompt, SupportSet) and len(prompt) == 3
+    assert [(s.class_id, s.object_id) for s in prompt] == [(0, None), (2, 3), (2, 5)]
+    assert int(prompt.shots[2].mask.sum()) == 100
+    for bad in (["--shot", str(img)], ["--shot", str(img), str(mask), "dog"]):
+        with pytest.raises(ValueError, match="--shot"):
+            _prompts_from_args(build_parser().parse_args(["segment", str(img), *bad]))
+
+
+def test_segment_needs_exactly_one_prompt_source(files, tmp_path, capsys):
+    img, _ = files
+    assert main(["segment", str(img), "--model", "clipseg_test_tiny"]) == 2
+    assert "--prompt-file" in capsys.readouterr().err

@@ -43,8 +43,13 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 15, sigma: float = 3.0) ->
 
 
 def _mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1), end-exclusive, of the mask's pixels with 10% context per axis."""
+    """(y0, y1, x0, x1), end-exclusive, of the mask's pixels with 10% context per axis.
+
+    An empty mask gives the whole image (spec §1.2).
+    """
     h, w = mask.shape
+    if not mask.any():
+        return 0, h, 0, w
     rows = torch.nonzero(mask.any(dim=1)).flatten()
     cols = torch.nonzero(mask.any(dim=0)).flatten()
     y0, y1 = int(rows[0]), int(rows[-1]) + 1
@@ -129,13 +134,15 @@ class CLIPSeg(PromptSegModel):
         for ref in refs:
             img = load_image(ref.image)
             mask = load_mask(ref.mask, size=tuple(img.shape[-2:]))
-            if not mask.any():
-                raise ValueError(
-                    "the reference mask has no foreground pixel; a visual prompt needs the object "
-                    "marked in its mask (an all-ones mask is allowed: it means the whole image)"
-                )
             pixels = self.preprocess(img)[0]
             mask = resize_mask(mask, tuple(pixels.shape[-2:]))
+            if not mask.any():
+                raise ValueError(
+                    f"the reference mask marks no pixel at the model's input size "
+                    f"{tuple(pixels.shape[-2:])}: it is empty, or its object is too small to "
+                    "survive the (nearest) resize. Mark the object (an all-ones mask means the "
+                    "whole image), or crop the reference image around a small object."
+                )
             batch.append(engineer_visual_prompt(pixels, mask.to(pixels.device)))
         return self.backbone.encode_image(torch.stack(batch))
 
