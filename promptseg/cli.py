@@ -47,6 +47,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         print("reported in the paper:")
         for table, numbers in card.reported.items():
             print(f"  {table}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
+    elif card.pretrained:
+        print("reported in the paper: none published for these weights")
     return 0
 
 

@@ -182,6 +182,12 @@ def as_prompt(obj: Any) -> list[Prompt]:
                 out.append(TextPrompt(item))
             elif isinstance(item, _PROMPT_TYPES):
                 out.append(item)
+            elif _is_pair(item):
+                raise TypeError(
+                    f"prompt item {i} is an (image, mask) pair in a list with other prompts; "
+                    "wrap it as VisualPrompt(image, mask) (a list of pairs only is one k-shot "
+                    "SupportSet)"
+                )
             else:
                 raise TypeError(f"prompt item {i} is a {type(item).__name__}; expected {ACCEPTED}")
         return out

@@ -119,6 +119,10 @@ def test_as_prompt_forms(rgb, box_mask):
     for bad, err in [([], ValueError), ("  ", ValueError), (3, TypeError), ([1, 2], TypeError)]:
         with pytest.raises(err):
             promptseg.as_prompt(bad)
+    with pytest.raises(TypeError, match="wrap it as VisualPrompt"):
+        promptseg.as_prompt(["a cup", (rgb, box_mask)])
+    mixed = promptseg.as_prompt(["a cup", VisualPrompt(rgb, box_mask)])
+    assert [type(p) for p in mixed] == [TextPrompt, VisualPrompt]
 
 
 def test_many_prompts_run_the_image_tower_once(tiny_clipseg, rgb, box_mask, monkeypatch):
@@ -263,3 +267,16 @@ def test_unavailable_or_unknown_device_is_a_clear_error():
         promptseg.create_model("clipseg_test_tiny", pretrained=False, device="gpu0")
     with pytest.raises(TypeError, match="floating torch.dtype"):
         promptseg.create_model("clipseg_test_tiny", pretrained=False, dtype="half")
+
+
+def test_only_the_tapped_blocks_run():
+    """The released configs tap blocks (3, 6, 9): blocks 10 and 11 are never computed."""
+    from promptseg.zoo import build_model, model_info
+
+    model = build_model(model_info("clipseg_vitb16_rd64.uni")).eval()
+    ran = []
+    for i, block in enumerate(model.backbone.clip.visual.transformer.resblocks):
+        block.register_forward_hook(lambda *_, i=i: ran.append(i))
+    with torch.no_grad():
+        model.encode_image(torch.randn(1, 3, 64, 64))
+    assert model.backbone.taps == (3, 6, 9) and ran == list(range(10))

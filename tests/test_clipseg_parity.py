@@ -42,16 +42,30 @@ def test_tiny_text_and_visual_parity(refined: bool, size: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name,refined,reduce_dim",
-    [("clipseg_vitb16_rd64.refined", True, 64), ("clipseg_vitb16_rd16.uni", False, 16)],
+    [
+        ("clipseg_vitb16_rd64.refined", True, 64),
+        ("clipseg_vitb16_rd64.uni", False, 64),
+        ("clipseg_vitb16_rd16.uni", False, 16),
+    ],
 )
 def test_full_size_352_parity(name: str, refined: bool, reduce_dim: int) -> None:
+    """The released configs at 352 px: text prompts and a visual prompt's conditional path."""
     hf = hf_model(FULL, refined, reduce_dim)
     ours = ours_from(hf, name)
     torch.manual_seed(2)
     pixels = torch.randn(1, 3, 352, 352)
     ids = ours.backbone.tokenize(["a glass", "something to fill"])
+    support = torch.randn(1, 3, 352, 352)
     with torch.no_grad():
         out = hf(input_ids=ids, pixel_values=pixels.expand(2, -1, -1, -1))
-        logits = ours.decode(ours.encode_image(pixels), ours.backbone.encode_text(ids))
+        image = ours.encode_image(pixels)
+        logits = ours.decode(image, ours.backbone.encode_text(ids))
+        hf_vis = hf.clip.get_image_features(pixel_values=support)
+        hf_vis = getattr(hf_vis, "pooler_output", hf_vis)
+        vis = ours.backbone.encode_image(support)
+        vis_out = hf(conditional_embeddings=hf_vis, pixel_values=pixels)
+        vis_logits = ours.decode(image, vis)
     assert logits.shape == (2, 352, 352)
     assert_logits_close(logits, out.logits)
+    torch.testing.assert_close(vis, hf_vis, atol=1e-4, rtol=1e-5)
+    assert_logits_close(vis_logits, vis_out.logits)
