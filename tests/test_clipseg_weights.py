@@ -280,3 +280,44 @@ def test_corrupt_converted_cache_names_the_file_and_says_delete_it(tmp_path):
     with pytest.raises(CheckpointFormatError) as err:
         load_pretrained(build_model(card), card, cache_dir=tmp_path)
     assert str(native) in str(err.value) and "Delete it" in str(err.value)
+
+
+def test_hf_home_hub_cache_is_used_offline(tmp_path):
+    """A model in the Hugging Face cache under $HF_HOME loads with HF_HUB_OFFLINE=1 (no network)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    snapshot = tmp_path / "hf" / "hub" / "models--CIDAS--clipseg-rd64-refined"
+    commit = "0" * 40
+    (snapshot / "refs").mkdir(parents=True)
+    (snapshot / "refs" / "main").write_text(commit)
+    hf = hf_model(TINY, refined=True)
+    hf.save_pretrained(snapshot / "snapshots" / commit)
+    script = textwrap.dedent(
+        """
+        import sys
+        from dataclasses import replace
+        from promptseg.weights import load_pretrained
+        from promptseg.zoo import build_model, model_info
+        released = model_info("clipseg_vitb16_rd64.refined")
+        tiny = model_info("clipseg_test_tiny")
+        card = replace(tiny, name="tiny.hfhome", weights=released.weights)
+        model = build_model(card)
+        load_pretrained(model, card, cache_dir=sys.argv[1], progress=False)
+        print(float(model.head.film_add.bias.sum()))
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "cache")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = float(hf.decoder.film_add.bias.detach().sum())
+    assert float(done.stdout) == pytest.approx(expected, abs=1e-5)
