@@ -15,9 +15,13 @@ DEFAULT_MODEL = "clipseg_vitb16_rd64.refined"
 def cmd_list(args: argparse.Namespace) -> int:
     from .zoo import list_models, model_info
 
-    for name in list_models(args.filter, pretrained=args.pretrained, capability=args.capability):
-        card = model_info(name)
-        print(f"{name:40s} {','.join(sorted(card.capabilities)):45s} {card.description}")
+    rows = [
+        (name, ",".join(sorted(model_info(name).capabilities)), model_info(name).description)
+        for name in list_models(args.filter, pretrained=args.pretrained, capability=args.capability)
+    ]
+    widths = [max((len(row[i]) for row in rows), default=0) for i in range(2)]
+    for name, capabilities, description in rows:
+        print(f"{name:{widths[0]}s}  {capabilities:{widths[1]}s}  {description}")
     return 0
 
 

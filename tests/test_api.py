@@ -280,3 +280,12 @@ def test_only_the_tapped_blocks_run():
     with torch.no_grad():
         model.encode_image(torch.randn(1, 3, 64, 64))
     assert model.backbone.taps == (3, 6, 9) and ran == list(range(10))
+
+
+def test_readme_model_table_lists_every_zoo_name():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = [line for line in readme.splitlines() if line.startswith("| `")]
+    for name in promptseg.list_models():
+        assert any(f"`{name}`" in line or f"`{name}." in line for line in table), name
