@@ -61,3 +61,41 @@ def test_clipseg_cannot_track_video():
     model = promptseg.create_model("clipseg_test_tiny", pretrained=False)
     with pytest.raises(promptseg.UnsupportedPromptError, match="does not segment videos"):
         next(iter(model.segment_video([np.zeros((8, 8, 3), np.uint8)], np.ones((8, 8)))))
+
+
+def test_testing_exports_the_three_models_and_the_zoo_builds_them():
+    from promptseg.testing import ColorKey, Empty, ShiftedOracle
+
+    assert type(promptseg.create_model("test_colorkey", pretrained=False)) is ColorKey
+    assert type(promptseg.create_model("test_empty", pretrained=False)) is Empty
+    shifted = promptseg.create_model("test_shifted", pretrained=False)
+    assert type(shifted) is ShiftedOracle and shifted.dx == 8
+    assert ColorKey().card.name == "test_colorkey" and Empty().card.name == "test_empty"
+    own = ShiftedOracle(3)
+    assert own.dx == 3 and own.card.name == "test_shifted" and own.card.config["dx"] == 3
+    assert isinstance(own, ColorKey) and isinstance(Empty(), ColorKey)
+
+
+@pytest.mark.parametrize(
+    ("dx", "iou"),
+    [
+        (5, 15 / 25),  # inter 15 x 20 columns x rows, union 25 x 20: (w - dx) / (w + dx)
+        (-5, 15 / 25),
+        (20, 0.0),  # touching, not overlapping
+        (-30, 0.0),  # pushed out of the image: nothing left
+    ],
+)
+def test_shifted_oracle_iou_matches_the_hand_computed_value(dx, iou):
+    from promptseg.testing import ShiftedOracle
+
+    img = np.empty((64, 64, 3), np.uint8)
+    img[:] = BACKGROUND
+    img[10:30, 10:30] = class_color("cat")  # a 20 x 20 square
+    gt = np.zeros((64, 64), bool)
+    gt[10:30, 10:30] = True
+    pred = ShiftedOracle(dx).segment(img, "cat").masks[0].numpy()
+    assert int(pred.sum()) == {5: 400, -5: 400, 20: 400, -30: 0}[dx]  # clipped at the border
+    assert np.count_nonzero(pred & gt) / np.count_nonzero(pred | gt) == pytest.approx(iou)
+    first = gt.astype(np.uint8)
+    (label,) = ShiftedOracle(dx).segment_video([img], first)  # the video path shifts alike
+    assert np.array_equal(label.numpy() == 1, pred)

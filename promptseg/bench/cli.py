@@ -9,21 +9,28 @@ __all__ = ["add_commands"]
 
 
 def _load_model(args: argparse.Namespace) -> Any:
+    """The model of `--model`, with `weights_sha256` set for the result JSON."""
     import torch
 
     from ..zoo import create_model, model_info
+    from .runner import DTYPE_NAMES, weights_sha256
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if getattr(args, "no_tf32", False):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    return create_model(
+    pretrained = bool(model_info(args.model).weights) or args.checkpoint is not None
+    model = create_model(
         args.model,
-        pretrained=bool(model_info(args.model).weights) or args.checkpoint is not None,
+        pretrained=pretrained,
         checkpoint_path=args.checkpoint,
         device=args.device,
         dtype=dtypes[args.dtype],
     )
+    model.weights_sha256 = weights_sha256(
+        model.card, checkpoint_path=args.checkpoint, pretrained=pretrained
+    )
+    return model
 
 
 def cmd_eval_fss(args: argparse.Namespace) -> int:
@@ -43,6 +50,8 @@ def cmd_eval_fss(args: argparse.Namespace) -> int:
             episodes=args.episodes,
             resolution=args.resolution,
             threshold=args.threshold,
+            batch_size=args.batch_size,
+            workers=args.workers,
             out=args.out,
             resume=args.resume,
             save_preds=args.save_preds,
@@ -58,8 +67,12 @@ def cmd_eval_fss(args: argparse.Namespace) -> int:
 
 
 def _folds(dataset: str, fold: str) -> list[int | str]:
-    n = {"pascal5i": 4, "coco20i": 4, "fss1000": 1, "lvis92i": 10}[dataset]
-    return list(range(n)) if fold == "all" else [fold if not fold.isdigit() else int(fold)]
+    """The folds `--fold` names ('all': every fold; FSS-1000's only split is `test`)."""
+    if fold != "all":
+        return [fold if not fold.isdigit() else int(fold)]
+    if dataset == "fss1000":
+        return ["test"]
+    return list(range({"pascal5i": 4, "coco20i": 4, "lvis92i": 10}[dataset]))
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -94,6 +107,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, help="first N episodes only (smoke runs)")
     p.add_argument("--resolution", choices=["model", "original"], default="model")
     p.add_argument("--threshold", type=float, help="the model's threshold (default: the tag's)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="support sets of B episodes encoded per encode_prompt call; queries are decoded "
+        "one at a time (default 1)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="threads reading the episodes' images ahead of the model (default 0: inline)",
+    )
     p.add_argument("--save-preds", action="store_true", help="write one PNG per episode")
     p.add_argument(
         "--trust-pickle", action="store_true", help="unpickle split files of unknown sha256"
@@ -104,6 +130,44 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     _add_vos_refer_bench(sub, eval_sub)  # eval vos, eval refer, bench episodes/verify-splits/...
     _add_ovseg_fsis_report(sub, eval_sub)  # eval ovseg, eval fsis, bench report
     add_suite_runner(sub)  # bench run
+    _add_perseg(eval_sub)  # eval perseg
+
+
+# ------------------------------------------------------------------------------------------------
+# eval perseg
+
+
+def cmd_eval_perseg(args: argparse.Namespace) -> int:
+    from .perseg import eval_perseg
+
+    model = _load_model(args)
+    result = eval_perseg(
+        model,
+        data_root=args.data_root,
+        out=args.out,
+        resume=args.resume,
+        save_preds=args.save_preds,
+    )
+    m = result["metrics"]
+    print(
+        f"perseg {model.card.name}: mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  "
+        f"({result['n_objects']} objects, {result['n_images']} query images)"
+    )
+    return 0
+
+
+def _add_perseg(eval_sub: argparse._SubParsersAction) -> None:
+    p = eval_sub.add_parser(
+        "perseg",
+        help="One-shot personalised segmentation (PerSeg, Personalize-SAM mIoU / mAcc).",
+        description="PerSeg: image 00 and its mask are the prompt; every other image of the "
+        "object is scored at its original size; mIoU / mAcc = mean over objects.",
+    )
+    p.add_argument(
+        "--save-preds", action="store_true", help="write <run>/preds/<object>/<nn>.png (0/255)"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_eval_perseg)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +248,7 @@ def cmd_bench_verify_splits(args: argparse.Namespace) -> int:
 
     from .tools import format_verify_table, verify_splits
 
-    rows = verify_splits(args.splits_dir)
+    rows = verify_splits(args.splits_dir, data_root=args.data_root)
     print(format_verify_table(rows))
     bad = [r for r in rows if r["status"] != "OK"]
     print(f"{len(rows) - len(bad)}/{len(rows)} split files OK", file=sys.stderr)
@@ -254,11 +318,15 @@ def _add_vos_refer_bench(
     p.set_defaults(func=cmd_bench_episodes)
 
     p = bench.add_parser("verify-splits", help="sha256 of your split files vs hsnet's.")
-    p.add_argument(
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
         "--splits-dir",
-        "--data-root",
-        dest="splits_dir",
         help="folder laid out like hsnet's data/splits/ (default: the download cache)",
+    )
+    where.add_argument(
+        "--data-root",
+        help="dataset root in the Matcher/SINE layout (VOC2012/splits/val/fold0.txt, "
+        "COCO2014/splits/val/fold0.pkl, FSS-1000/splits/test.txt)",
     )
     p.set_defaults(func=cmd_bench_verify_splits)
 
@@ -369,7 +437,7 @@ def _add_ovseg_fsis_report(
     p.add_argument("results", nargs="+", help="result.json files (or folders searched for them)")
     p.add_argument("--reference", help="reference.yaml (default: benchmarks/reference.yaml)")
     p.add_argument("--format", choices=["md", "csv", "json"], default="md")
-    p.add_argument("--chart", help="also draw a PNG bar chart here")
+    p.add_argument("--chart", help="PNG bar chart path (default: report.png in the runs folder)")
     p.add_argument("--output", "-o", help="write the table here instead of stdout")
     p.add_argument("--gate", action="store_true", help="exit 1 if a reference.yaml gate fails")
     p.set_defaults(func=cmd_bench_report)

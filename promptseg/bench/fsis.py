@@ -3,7 +3,10 @@
 Per (K, seed): the support set is every shot record (one image + ONE annotation, class_id = its
 COCO category id), each test image (ascending id) is segmented at level "instance", detections
 (RLE at original size, no `bbox`, P14) go to `coco_mask_ap` restricted to the novel category ids.
-The dataset number is the mean over seeds of the per-seed APs.
+The support set is encoded once per seed and reused for every test image. The dataset number is
+the mean over seeds of the per-seed APs. Each finished seed keeps its detections in
+`seed<S>/segm_results.json` (the COCOeval input); `--resume` reuses them and continues the seed
+that was interrupted.
 """
 
 from __future__ import annotations
@@ -13,15 +16,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..data.fewshot import FewShotInstanceDataset
+from ..data.fewshot import FewShotInstanceDataset, ShotRecord
+from ..data.splits import file_sha256
 from ..metrics.coco_ap import coco_mask_ap
 from ..prompts import SupportSet, VisualPrompt
 from .runner import (
     SCHEMA_VERSION,
     Progress,
+    encode_prompts,
     environment,
     model_record,
     run_dir,
+    segment_encoded,
     write_json,
     write_result,
 )
@@ -67,6 +73,67 @@ def _norm(name: str) -> str:
     return name.lower().replace(" ", "").replace("_", "")
 
 
+def _finished_seed(seed_dir: Path, key: str) -> tuple[list[dict[str, Any]], float] | None:
+    """(detections, seconds) a resumed run reuses: the seed's results file, if it finished."""
+    path = seed_dir / "segm_results.json"
+    if (seed_dir / "progress.json").is_file() or not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("key") != key:
+        raise ValueError(
+            f"{path} belongs to another run (different shots, images or shot files); "
+            "delete it or run without --resume"
+        )
+    return saved["results"], float(saved["elapsed"])
+
+
+def _run_seed(
+    model: Any,
+    data: FewShotInstanceDataset,
+    records: list[ShotRecord],
+    ids: list[int],
+    seed_dir: Path,
+    *,
+    key: str,
+    resume: bool,
+    desc: str,
+) -> tuple[list[dict[str, Any]], float]:
+    """Segment the seed's test images (resumable); (detections in test category ids, seconds)."""
+    (seed_dir / "segm_results.json").unlink(missing_ok=True)
+    to_test = _test_category_map(data)
+    support = SupportSet(
+        [VisualPrompt(r.image_path, r.mask, class_id=r.category_id) for r in records]
+    )
+    ((prompts, embeddings),) = encode_prompts(model, [support], level="instance")
+    detections: list[dict[str, Any]] = []
+    progress = Progress(seed_dir, resume=resume, key=key)
+    if progress.state is not None:
+        detections.extend(progress.state["detections"])
+    state = {"detections": detections}
+    for image_id in progress.iterate(ids, len(ids), lambda: state, desc=desc):
+        result = segment_encoded(
+            model, data.test_image_path(image_id), prompts, embeddings, level="instance"
+        )
+        for rec in result.to_coco_rle():
+            cid = rec["category_id"]
+            if cid is None or int(cid) not in to_test:
+                continue
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": to_test[int(cid)],
+                    "segmentation": rec["segmentation"],
+                    "score": rec["score"],
+                }
+            )
+    write_json(
+        seed_dir / "segm_results.json",
+        {"key": key, "elapsed": progress.elapsed, "results": detections},
+    )
+    progress.finish()
+    return detections, progress.elapsed
+
+
 def eval_fsis(
     model: Any,
     *,
@@ -78,60 +145,48 @@ def eval_fsis(
     out: str | Path = "runs",
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate every seed (one progress file per seed); writes result.json with the mean AP."""
+    """Evaluate every seed (resumable per seed); writes result.json with the mean AP."""
     if dataset not in FSIS_DATASETS:
         raise ValueError(f"--dataset must be one of {FSIS_DATASETS}, got {dataset!r}")
     seed_list = parse_seeds(seeds)
     directory = run_dir(out, "fsis", dataset, None, shots, model.card.name)
     directory.mkdir(parents=True, exist_ok=True)
     per_seed: list[dict[str, Any]] = []
+    seed_files: list[dict[str, Any]] = []
     total_s = 0.0
-    n_images = 0
+    ids: list[int] = []
     gt_path = None
     cat_ids: list[int] = []
     for seed in seed_list:
         data = FewShotInstanceDataset(data_root, shots, seed, dataset=dataset)
         gt_path, cat_ids = data.gt_json_path, list(data.test_category_ids)
-        to_test = _test_category_map(data)
-        records = data.shot_records()
-        support = SupportSet(
-            [VisualPrompt(r.image_path, r.mask, class_id=r.category_id) for r in records]
-        )
         ids = data.test_image_ids()
         if images is not None:
             ids = ids[:images]
-        n_images = len(ids)
         seed_dir = directory / f"seed{seed}"
         seed_dir.mkdir(parents=True, exist_ok=True)
-        detections: list[dict[str, Any]] = []
+        records = data.shot_records()
         key = f"fsis|{dataset}|{shots}|{seed}|{len(ids)}|{len(records)}"
-        progress = Progress(seed_dir, resume=resume, key=key)
-        if progress.state is not None:
-            detections.extend(progress.state["detections"])
-        state = {"detections": detections}
-        for image_id in progress.iterate(
-            ids, len(ids), lambda s=state: s, desc=f"fsis {dataset} s{seed}"
-        ):
-            result = model.segment(data.test_image_path(image_id), support, level="instance")
-            for rec in result.to_coco_rle():
-                cid = rec["category_id"]
-                if cid is None or int(cid) not in to_test:
-                    continue
-                detections.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": to_test[int(cid)],
-                        "segmentation": rec["segmentation"],
-                        "score": rec["score"],
-                    }
-                )
-        write_json(seed_dir / "segm_results.json", {"results": detections})
+        finished = _finished_seed(seed_dir, key) if resume else None
+        if finished is None:
+            desc = f"fsis {dataset} s{seed}"
+            finished = _run_seed(
+                model, data, records, ids, seed_dir, key=key, resume=resume, desc=desc
+            )
+        detections, seconds = finished
         ap = coco_mask_ap(gt_path, detections, cat_ids=cat_ids, img_ids=ids)
         box = coco_mask_ap(gt_path, detections, iou_type="bbox", cat_ids=cat_ids, img_ids=ids)
         box_ap = {f"box {k}": v for k, v in box.items() if k in ("AP", "AP50", "AP75")}
         per_seed.append({"seed": seed, "n_detections": len(detections), **ap, **box_ap})
-        total_s += progress.elapsed
-        progress.finish()
+        results = seed_dir / "segm_results.json"
+        seed_files.append(
+            {
+                "seed": seed,
+                "results_json": str(results.relative_to(directory)),
+                "sha256": file_sha256(results),
+            }
+        )
+        total_s += seconds
 
     names = [k for k, v in per_seed[0].items() if isinstance(v, float)]
     metrics = {n: _mean([row[n] for row in per_seed]) for n in names}
@@ -143,7 +198,7 @@ def eval_fsis(
         "fold": None,
         "shots": shots,
         "seeds": seed_list,
-        "n_images": n_images,
+        "n_images": len(ids),
         "data_root_fingerprint": {"path": str(Path(data_root).resolve())},
         "gt_json": str(gt_path),
         "model": model_record(model),
@@ -158,8 +213,16 @@ def eval_fsis(
         "env": environment(model),
         "metrics": metrics,
         "per_seed": per_seed,
+        "accumulators": {
+            "note": "COCOeval inputs: per seed its detections file (segm; bbox = mask boxes) "
+            "against gt_json, restricted to cat_ids and img_ids; dataset value = seed mean",
+            "gt_json": str(gt_path),
+            "cat_ids": cat_ids,
+            "img_ids": ids,
+            "seeds": seed_files,
+        },
     }
-    return write_result(directory, payload, total_s, n_images, "image")
+    return write_result(directory, payload, total_s, len(ids), "image")
 
 
 def _mean(values: list[float]) -> float:

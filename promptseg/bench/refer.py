@@ -21,7 +21,7 @@ import torch
 from ..data.dense import PhraseCutDataset, PhraseCutSample
 from ..metrics.clipseg import FixedIntervalMetrics
 from ..transforms import resize_mask
-from .fss import protocol_resolution
+from .fss import protocol_resolution, resolution_label
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -148,7 +148,7 @@ def eval_refer(
         "data_root_fingerprint": {"path": str(Path(data.root).resolve())},
         "model": model_record(model),
         "protocol": {
-            "resolution": f"model:{size[0]}x{size[1]}",
+            "resolution": resolution_label(size),
             "thresholds": fixed,
             "paper_thresholds": list(PAPER_THRESHOLDS[dataset]),
             "class_id": "sample",

@@ -1,20 +1,24 @@
-"""`promptseg bench report`: comparison table of result.json files against reference.yaml (§5.2).
+"""`promptseg bench report`: side-by-side table of result.json files against reference.yaml (§5.2).
 
-Results are grouped into rows keyed by (benchmark, dataset, split, shots, metric, protocol):
-folds are aggregated as the mean of the per-fold values (P19), FSIS seeds as the mean of the
-per-seed APs. Results of different protocols (resolution, threshold, episodes) are never put in
-one row: each such row gets a footnote describing its protocol, and only rows run with the paper
-protocol are compared with the reported numbers. One column per model, cells
-`reproduced (Δ vs reported)`; the last column lists the reported values of the row's models.
+Rows are keyed by (benchmark, dataset, split, shots, metric, protocol class). The protocol class
+is what decides whether numbers of different models may share a row: scoring at the model-native
+resolution or at the original size, reference episodes or not, all images or a subset, the
+dataset's vocabulary or another one. Each model's own resolution and threshold are per-cell
+details listed in the row's footnote, so e.g. SINE (518 px, 0.7) and DiffewS (512 px, 0.25) land in
+one row. Folds are aggregated as the mean of the per-fold values (P19), FSIS seeds as the mean of
+the per-seed APs. A cell is compared with a reference.yaml row only if model, metric, scoring
+resolution, threshold and the fold / seed set all match; a run covering only part of the reference's
+folds or seeds is shown without a delta and marked partial. Best-threshold (oracle) values get rows
+of their own, labelled as such, and are only ever compared with oracle reference values.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,8 +27,10 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_REFERENCE",
+    "Cell",
     "Row",
     "build_rows",
+    "default_chart_path",
     "draw_chart",
     "format_table",
     "gate_failures",
@@ -35,13 +41,21 @@ __all__ = [
 
 DEFAULT_REFERENCE = Path("benchmarks") / "reference.yaml"
 
-# headline metrics per benchmark (others: every numeric metric of the result)
+# Headline metrics per benchmark, named as the eval commands write them into result.json.
+# refer: fixed-threshold values are written as `<name>@<t>` (e.g. mIoU@0.3), the best-threshold
+# values in the result's `oracle` block; the report names those `<name>_best`.
 HEADLINE: dict[str, tuple[str, ...]] = {
     "fss": ("mIoU", "FB-IoU"),
     "fsis": ("AP", "AP50", "box AP", "box AP50"),
     "ovseg": ("PQ", "AP", "mIoU"),
-    "vos": ("J&F", "J", "F"),
+    "vos": ("J&F-Mean", "J-Mean", "F-Mean"),
+    "refer": ("mIoU", "IoU_FG", "AP"),
 }
+ORACLE_METRICS = ("mIoU", "IoU_FG")
+ORACLE = "oracle"
+
+# what a benchmark aggregates over: fss folds, fsis seeds (reference.yaml `folds` / `seeds`)
+PART_KIND: dict[str, str] = {"fss": "fold", "fsis": "seed"}
 
 DATASET_LABEL: dict[str, str] = {
     "pascal5i": "PASCAL-5i",
@@ -63,49 +77,85 @@ DATASET_LABEL: dict[str, str] = {
 
 
 @dataclass
+class Cell:
+    """One model's number in a row, with the protocol details that belong to the model."""
+
+    value: float
+    parts: list[Any]  # folds (fss) or seeds (fsis) aggregated; [None] otherwise
+    resolution: str
+    threshold: Any  # the model's threshold as the run recorded it
+    names: set[str]  # concrete model names behind the column (one per fold for {f} tags)
+    memory: int | None = None  # vos: frames of video memory the run used
+    oracle_t: float | None = None  # threshold an oracle value was taken at
+    reported: float | None = None  # matched reference value (full fold / seed coverage only)
+    ref_id: str | None = None
+    partial: str | None = None  # e.g. "fold 0 of 0–3": no delta
+
+    def detail(self) -> str:
+        """Resolution, threshold (and video memory) of this model's run, for the footnote."""
+        text = f"res. {self.resolution}"
+        if self.oracle_t is not None:
+            text += f", oracle t = {self.oracle_t:g}"
+        elif self.threshold is not None:
+            text += f", threshold {self.threshold}"
+        if self.memory is not None:
+            text += f", memory {self.memory}"
+        return text
+
+
+@dataclass
 class Row:
-    """One table row: a (benchmark, dataset, split, shots, metric, protocol) and its cells."""
+    """One table row: (benchmark, dataset, split, shots, metric, protocol class) and its cells."""
 
     benchmark: str
     dataset: str
     split: str | None
     shots: Any
-    metric: str
-    protocol: str  # human-readable protocol description
-    protocol_key: str  # what makes two cells comparable
-    comparable: bool  # paper protocol: may be compared with reported numbers
-    n_parts: int = 1  # folds (or seeds) aggregated
-    cells: dict[str, float] = field(default_factory=dict)  # model -> value
-    parts: dict[str, int] = field(default_factory=dict)  # model -> folds / seeds aggregated
-    reported: dict[str, float] = field(default_factory=dict)  # model -> reported value
+    metric: str  # result name; refer: `mIoU@0.3`, oracle: `mIoU_best`
+    protocol: str  # protocol class, e.g. "model-native res. · reference episodes"
+    native: bool  # the protocol of the published numbers: may be compared with reference.yaml
+    variant: int = 0  # > 0: same key, but a model ran twice (other threshold) or other episodes
+    cells: dict[str, Cell] = field(default_factory=dict)
+    digests: dict[Any, str] = field(default_factory=dict)  # fold -> episode digest of the row
     footnote: int | None = None
 
     @property
     def key(self) -> tuple[Any, ...]:
+        """What identifies the row (variant included)."""
         return (
             self.benchmark,
             self.dataset,
             self.split,
             self.shots,
             self.metric,
-            self.protocol_key,
+            self.protocol,
+            self.variant,
         )
 
+    @property
+    def oracle(self) -> bool:
+        """Best-threshold value chosen on the test set itself."""
+        return _metric_threshold(self.metric) == ORACLE
+
     def label(self) -> str:
+        """`COCO-20i mIoU (4-fold mean) [1]`."""
         name = DATASET_LABEL.get(self.dataset, self.dataset)
         agg = ""
-        n = max(self.parts.values(), default=1)
-        if self.benchmark == "fss" and n > 1:
-            agg = f" ({n}-fold mean)"
-        elif self.benchmark == "fsis" and n > 1:
-            agg = f" ({n}-seed mean)"
+        kind = PART_KIND.get(self.benchmark)
+        covered = _row_parts(self)
+        if kind and len(covered) > 1:
+            agg = f" ({len(covered)}-{kind} mean)"
+        elif kind == "fold" and covered and self.dataset != "fss1000":
+            agg = f" (fold {covered[0]})"
         mark = f" [{self.footnote}]" if self.footnote is not None else ""
-        return f"{name} {self.metric}{agg}{mark}"
+        return f"{name} {_metric_label(self.metric)}{agg}{mark}"
 
     def delta(self, model: str) -> float | None:
-        if not self.comparable or model not in self.reported or model not in self.cells:
+        """Reproduced − reported, when the cell matched a reference value with full coverage."""
+        cell = self.cells.get(model)
+        if cell is None or cell.reported is None:
             return None
-        return self.cells[model] - self.reported[model]
+        return cell.value - cell.reported
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,11 +167,16 @@ def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         path = Path(p)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such result.json file or runs folder")
         files = sorted(path.rglob("result.json")) if path.is_dir() else [path]
         for f in files:
             data = json.loads(f.read_text(encoding="utf-8"))
             if data.get("schema_version") != 1:
-                raise ValueError(f"{f}: unsupported schema_version {data.get('schema_version')!r}")
+                raise ValueError(
+                    f"{f}: unsupported schema_version {data.get('schema_version')!r} "
+                    "(this promptseg reads schema 1; re-run the eval with this version)"
+                )
             data["_path"] = str(f)
             out.append(data)
     return out
@@ -133,151 +188,371 @@ def load_reference(path: str | Path | None) -> list[dict[str, Any]]:
         return []
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe either way; libyaml is faster
+    data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
     rows = data.get("rows", []) if isinstance(data, Mapping) else data
     return list(rows or [])
+
+
+# ------------------------------------------------------------------------------------------------
+# metric names and protocol classes
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _metric_threshold(metric: str) -> float | str | None:
+    """The threshold a metric name is defined at: `mIoU@0.3` -> 0.3, `mIoU_best` -> oracle."""
+    base, sep, t = metric.partition("@")
+    if sep:
+        return float(t)
+    if base.endswith("_best"):
+        return ORACLE
+    return None
+
+
+def _metric_base(metric: str) -> str:
+    return metric.partition("@")[0]
+
+
+def _metric_label(metric: str) -> str:
+    t = _metric_threshold(metric)
+    if t == ORACLE:
+        return f"{metric} (oracle: best t on the test set)"
+    if t is not None:
+        return f"{_metric_base(metric)} (t = {t:g})"
+    return metric
+
+
+def _metric_order(bench: str, metric: str) -> tuple[int, str]:
+    names = HEADLINE.get(bench, ())
+    base = _metric_base(metric).removesuffix("_best")
+    rank = names.index(base) if base in names else len(names)
+    return (rank + (len(names) + 1 if metric.endswith("_best") else 0), metric)
+
+
+def _headline(result: Mapping[str, Any], metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The headline metrics of one result (or one FSIS seed), by the names the evals write."""
+    bench = str(result.get("benchmark"))
+    names = HEADLINE.get(bench)
+    if names is None:
+        return {k: float(v) for k, v in metrics.items() if _is_number(v) and k[:1] != "_"}
+    out = {n: float(metrics[n]) for n in names if _is_number(metrics.get(n))}
+    if bench == "refer":  # fixed-threshold values: `<name>@<t>`
+        for k, v in metrics.items():
+            if "@" in k and _metric_base(k) in names and _is_number(v):
+                out[k] = float(v)
+    return out
+
+
+def _oracle(result: Mapping[str, Any]) -> dict[str, tuple[float, float | None]]:
+    """refer: `<name>_best` -> (value, threshold) from the result's oracle block."""
+    block = result.get("oracle") or {}
+    out = {}
+    for name in ORACLE_METRICS:
+        if _is_number(block.get(name)):
+            t = block.get(f"{name}_t")
+            out[f"{name}_best"] = (float(block[name]), float(t) if _is_number(t) else None)
+    return out
+
+
+def _protocol_class(result: Mapping[str, Any]) -> tuple[str, bool]:
+    """(protocol class shared by comparable runs, is it the published numbers' protocol?)."""
+    proto = result.get("protocol") or {}
+    bench = result.get("benchmark")
+    model_res = str(proto.get("resolution", "")).startswith("model")
+    native = model_res or bench not in ("fss", "refer")
+    parts = ["model-native res." if model_res else "original size"]
+    if bench == "fss":
+        if proto.get("reference_episodes", True):
+            parts.append("reference episodes")
+        else:
+            native = False
+            parts.append(
+                f"non-reference episodes (seed {result.get('seed')}, "
+                f"{result.get('n_episodes')} per fold)"
+            )
+    if proto.get("subset"):
+        native = False
+        parts.append(f"first {result.get('n_images')} images")
+    vocabulary = proto.get("vocabulary")
+    if vocabulary not in (None, "dataset class names"):
+        native = False
+        parts.append(f"vocabulary {vocabulary}")
+    return " · ".join(parts), native
+
+
+def _fold_templates(reference: Sequence[Mapping[str, Any]]) -> dict[tuple[str, str, Any], str]:
+    """(benchmark, model name, fold) -> column of a one-checkpoint-per-fold tag (`..._fold{f}`)."""
+    out = {}
+    for e in reference:
+        tag = e.get("tag")
+        if isinstance(tag, str) and "{f}" in tag:
+            for f in e.get("folds") or ():
+                concrete = f"{e['model']}.{tag.replace('{f}', str(f))}"
+                out[(str(e.get("benchmark")), concrete, f)] = f"{e['model']}.{tag}"
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
 # aggregation
 
 
-def _model_name(result: Mapping[str, Any]) -> str:
-    return str(result.get("model", {}).get("name", "?"))
+@dataclass
+class _Group:
+    """All parts (folds / seeds) of one model run under one protocol and model settings."""
+
+    native: bool
+    names: set[str] = field(default_factory=set)
+    parts: dict[Any, dict[str, float]] = field(default_factory=dict)
+    oracle_t: dict[Any, dict[str, float | None]] = field(default_factory=dict)
+    digests: dict[Any, str] = field(default_factory=dict)
 
 
-def _protocol(result: Mapping[str, Any]) -> tuple[str, str, bool]:
-    """(description, comparability key without per-fold parts, paper protocol?)."""
-    proto = dict(result.get("protocol", {}))
-    res = proto.get("resolution", "?")
-    thr = proto.get("threshold")
-    desc = f"res. {res}, threshold {thr}"
-    bench = result.get("benchmark")
-    comparable = True
-    if bench == "fss":
-        comparable = str(res).startswith("model") and proto.get("reference_episodes", True)
-        if not proto.get("reference_episodes", True):
-            desc += f", seed {result.get('seed')}, {result.get('n_episodes')} episodes"
-    if proto.get("subset"):
-        comparable = False
-        desc += ", subset of the images"
-    if proto.get("vocabulary") not in (None, "dataset class names"):
-        desc += f", vocabulary {proto['vocabulary']}"
-    key = json.dumps(
-        {k: v for k, v in proto.items() if k not in ("metric_impl",)}, sort_keys=True, default=str
-    )
-    return desc, key, bool(comparable)
+def _groups(
+    results: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]]
+) -> dict[tuple[Any, ...], _Group]:
+    templates = _fold_templates(reference)
+    groups: dict[tuple[Any, ...], _Group] = {}
+    for r in results:
+        bench = str(r["benchmark"])
+        proto = r.get("protocol") or {}
+        protocol, native = _protocol_class(r)
+        name = str((r.get("model") or {}).get("name", "?"))
+        column = templates.get((bench, name, r.get("fold")), name)
+        key = (
+            bench,
+            r["dataset"],
+            r.get("split"),
+            r.get("shots"),
+            protocol,
+            column,
+            str(proto.get("resolution", "?")),
+            json.dumps(proto.get("threshold"), default=str),
+            proto.get("memory"),
+        )
+        g = groups.setdefault(key, _Group(native))
+        g.names.add(name)
+        oracle = _oracle(r)
+        if bench == "fsis" and r.get("per_seed"):
+            for s in r["per_seed"]:  # seeds: mean of the per-seed APs
+                g.parts[s["seed"]] = _headline(r, s)
+        else:
+            part = r.get("fold") if bench == "fss" else None
+            values = _headline(r, r.get("metrics") or {})
+            values.update({m: v for m, (v, _) in oracle.items()})
+            g.parts[part] = values
+            g.oracle_t[part] = {m: t for m, (_, t) in oracle.items()}
+            if r.get("episode_digest"):
+                g.digests[part] = str(r["episode_digest"])
+    return groups
 
 
-def _metric_names(result: Mapping[str, Any]) -> list[str]:
-    metrics = result.get("metrics", {})
-    names = HEADLINE.get(str(result.get("benchmark")))
-    if names is None:
-        names = tuple(k for k, v in metrics.items() if isinstance(v, int | float) and k[:1] != "_")
-    return [n for n in names if isinstance(metrics.get(n), int | float)]
+def _digests_agree(row: Row, digests: Mapping[Any, str]) -> bool:
+    return all(row.digests.get(f, d) == d for f, d in digests.items())
 
 
 def build_rows(
     results: Sequence[Mapping[str, Any]], reference: Sequence[Mapping[str, Any]] = ()
 ) -> list[Row]:
-    """Aggregate folds / seeds and group the results into comparable rows."""
-    # group per (benchmark, dataset, split, shots, model, protocol): the fold / seed parts
-    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for r in results:
-        desc, pkey, comparable = _protocol(r)
-        gkey = (r["benchmark"], r["dataset"], r.get("split"), r.get("shots"), pkey)
-        g = groups.setdefault(
-            gkey, {"desc": desc, "comparable": comparable, "models": {}, "digests": {}}
-        )
-        model = _model_name(r)
-        parts = g["models"].setdefault(model, {})
-        if r["benchmark"] == "fsis" and r.get("per_seed"):
-            for s in r["per_seed"]:  # seeds: mean of the per-seed APs
-                parts[("seed", s["seed"])] = s
-        else:
-            parts[("fold", r.get("fold"), r.get("seed"))] = r["metrics"]
-        if r.get("episode_digest"):
-            g["digests"].setdefault(model, {})[r.get("fold")] = r["episode_digest"]
-    rows: dict[tuple[Any, ...], Row] = {}
-    for (bench, dataset, split, shots, pkey), g in groups.items():
-        for model, parts in g["models"].items():
-            digests = g["digests"].get(model, {})
-            episodes = (
-                hashlib.sha256(json.dumps(sorted(digests.items(), key=str)).encode()).hexdigest()
-                if digests
-                else ""
+    """Aggregate folds / seeds, group comparable cells into rows, match reference values."""
+    rows: dict[tuple[Any, ...], list[Row]] = {}
+    # runs covering more folds / seeds first: they take the first row of a key, a model's
+    # further runs (e.g. a threshold sweep on one fold) the next ones
+    groups = sorted(
+        _groups(results, reference).items(), key=lambda kv: (-len(kv[1].parts), str(kv[0]))
+    )
+    for key, g in groups:
+        bench, dataset, split, shots, protocol, column, resolution, threshold, memory = key
+        metrics = {m for values in g.parts.values() for m in values}
+        for metric in sorted(metrics):
+            covered = sorted((p for p, v in g.parts.items() if metric in v), key=str)
+            finite = [g.parts[p][metric] for p in covered if not math.isnan(g.parts[p][metric])]
+            oracle_ts = [g.oracle_t.get(p, {}).get(metric) for p in covered]
+            cell = Cell(
+                value=sum(finite) / len(finite) if finite else math.nan,
+                parts=covered,
+                resolution=resolution,
+                threshold=json.loads(threshold),
+                memory=memory,
+                names=set(g.names),
+                oracle_t=oracle_ts[0] if len(oracle_ts) == 1 else None,
             )
-            some = next(iter(parts.values()))
-            names = [
-                n
-                for n in (HEADLINE.get(bench) or tuple(some))
-                if isinstance(some.get(n), int | float) and not isinstance(some.get(n), bool)
-            ]
-            for metric in names:
-                values = [float(p[metric]) for p in parts.values() if metric in p]
-                finite = [v for v in values if not math.isnan(v)]
-                value = sum(finite) / len(finite) if finite else math.nan
-                key = (bench, dataset, split, shots, metric, f"{pkey}|{episodes}")
-                row = rows.get(key)
-                if row is None:
-                    row = rows[key] = Row(
-                        bench, dataset, split, shots, metric, g["desc"], key[-1], g["comparable"]
-                    )
-                row.cells[model] = value
-                row.parts[model] = len(values)
-    out = sorted(rows.values(), key=lambda r: tuple(map(str, r.key)))
+            variants = rows.setdefault((bench, dataset, split, shots, metric, protocol), [])
+            row = next(
+                (r for r in variants if column not in r.cells and _digests_agree(r, g.digests)),
+                None,
+            )
+            if row is None:
+                row = Row(bench, dataset, split, shots, metric, protocol, g.native, len(variants))
+                variants.append(row)
+            row.cells[column] = cell
+            row.digests.update(g.digests)
+    out = [r for variants in rows.values() for r in variants]
+    out.sort(
+        key=lambda r: (
+            r.benchmark,
+            r.dataset,
+            str(r.split),
+            str(r.shots),
+            not r.native,
+            r.protocol,
+            _metric_order(r.benchmark, r.metric),
+            r.variant,
+        )
+    )
     _attach_reference(out, reference)
+    _mark_partial(out)
     _footnotes(out)
     return out
 
 
-def _ref_models(entry: Mapping[str, Any]) -> set[str]:
-    model, tag = entry.get("model"), entry.get("tag")
-    names = {str(model)}
-    if tag:
-        names.add(f"{model}.{tag}")
-    return names
+# ------------------------------------------------------------------------------------------------
+# reference matching
+
+
+def _entry_name(entry: Mapping[str, Any]) -> str:
+    tag = entry.get("tag")
+    return f"{entry.get('model')}.{tag}" if tag else str(entry.get("model"))
+
+
+def _same_shots(a: Any, b: Any) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return int(a) == int(b)
+
+
+def _canonical_resolution(text: str) -> str:
+    """'model:518' and 'model:518x518' are the same scoring size."""
+    size = text.removeprefix("model:")
+    if size != text and "x" not in size:
+        return f"model:{size}x{size}"
+    return text
+
+
+def _resolution_ok(ref: Any, resolution: str) -> bool:
+    """A scoring resolution in reference.yaml ('model:518', 'model:HxW', 'original') must equal
+    the run's; other text describes the model input and is not compared."""
+    if ref is None:
+        return True
+    ref = str(ref)
+    if ref != "original" and not ref.startswith("model:"):
+        return True
+    return _canonical_resolution(ref) == _canonical_resolution(resolution)
+
+
+def _threshold_ok(ref: Any, threshold: Any, defined_by_metric: bool) -> bool:
+    """Numbers must be equal; oracle only matches oracle; text / null is not compared, except
+    for metrics defined at a threshold (`mIoU@0.3`), which need the same number."""
+    if ref == ORACLE or threshold == ORACLE:
+        return ref == threshold
+    if _is_number(ref):
+        return _is_number(threshold) and abs(float(ref) - float(threshold)) < 1e-9
+    return not defined_by_metric
+
+
+def _fmt_parts(parts: Sequence[Any]) -> str:
+    """[0, 1, 2, 3] -> '0–3'; [0, 2] -> '0, 2'."""
+    if all(isinstance(p, int) for p in parts) and len(parts) > 2:
+        ints = sorted(parts)
+        if ints == list(range(ints[0], ints[-1] + 1)):
+            return f"{ints[0]}–{ints[-1]}"
+    return ", ".join(map(str, parts))
+
+
+def _coverage(entry: Mapping[str, Any], bench: str, parts: Sequence[Any]) -> str | None:
+    """'full' if the run covers exactly the reference's folds / seeds, a 'partial: …' note if it
+    covers a subset of them, None if it covers others."""
+    kind = PART_KIND.get(bench)
+    want = entry.get("folds" if kind == "fold" else "seeds") if kind else None
+    if not want:
+        return "full"
+    have = {str(p) for p in parts}
+    wanted = {str(w) for w in want}
+    if have == wanted:
+        return "full"
+    if have < wanted:
+        return f"partial: {kind}s {_fmt_parts(parts)} of {_fmt_parts(list(want))}"
+    return None
 
 
 def _attach_reference(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -> None:
     for row in rows:
-        for entry in reference:
-            if (
-                entry.get("benchmark") != row.benchmark
-                or entry.get("dataset") != row.dataset
-                or entry.get("metric") != row.metric
-                or entry.get("value") is None
-            ):
+        if not row.native:
+            continue
+        base, metric_t = _metric_base(row.metric), _metric_threshold(row.metric)
+        for column, cell in row.cells.items():
+            threshold = metric_t if metric_t is not None else cell.threshold
+            match: tuple[Mapping[str, Any], str] | None = None
+            for e in reference:
+                if (
+                    e.get("value") is None
+                    or e.get("benchmark") != row.benchmark
+                    or e.get("dataset") != row.dataset
+                    or e.get("metric") != base
+                    or (e.get("split") not in (None, row.split) and row.split is not None)
+                    or not _same_shots(e.get("shots"), row.shots)
+                    or _entry_name(e) not in {column, *cell.names}
+                    or not _resolution_ok(e.get("resolution"), cell.resolution)
+                    or not _threshold_ok(e.get("threshold"), threshold, metric_t is not None)
+                ):
+                    continue
+                cov = _coverage(e, row.benchmark, cell.parts)
+                if cov == "full":
+                    match = (e, cov)
+                    break
+                if cov is not None and match is None:
+                    match = (e, cov)
+            if match is None:
                 continue
-            shots = entry.get("shots")
-            if shots is not None and row.shots is not None and int(shots) != int(row.shots):
-                continue
-            for model in row.cells:
-                if model in _ref_models(entry):
-                    row.reported[model] = float(entry["value"])
+            entry, cov = match
+            cell.ref_id = str(entry.get("id"))
+            if cov == "full":
+                cell.reported = float(entry["value"])
+            else:
+                cell.partial = cov
+
+
+def _row_parts(row: Row) -> list[Any]:
+    return sorted({p for c in row.cells.values() for p in c.parts if p is not None}, key=str)
+
+
+def _mark_partial(rows: Sequence[Row]) -> None:
+    """A cell aggregating fewer folds / seeds than the row's other cells is marked partial."""
+    for row in rows:
+        kind = PART_KIND.get(row.benchmark)
+        covered = _row_parts(row)
+        for cell in row.cells.values():
+            if kind and cell.partial is None and cell.reported is None:
+                if len(cell.parts) < len(covered):
+                    cell.partial = (
+                        f"partial: {kind}s {_fmt_parts(cell.parts)} of {_fmt_parts(covered)}"
+                    )
 
 
 def _footnotes(rows: Sequence[Row]) -> None:
-    """Rows sharing (benchmark, dataset, split, shots, metric) with another protocol, and rows not
-    run with the paper protocol, get a numbered footnote."""
-    base: dict[tuple[Any, ...], list[Row]] = {}
+    """Each row's per-model details (resolution, threshold) as a footnote; equal texts share it."""
+    numbers: dict[str, int] = {}
     for r in rows:
-        base.setdefault(r.key[:-1], []).append(r)
-    n = 0
-    for r in rows:
-        if len(base[r.key[:-1]]) > 1 or not r.comparable:
-            n += 1
-            r.footnote = n
+        text = _footnote_text(r)
+        r.footnote = numbers.setdefault(text, len(numbers) + 1)
+
+
+def _footnote_text(row: Row) -> str:
+    text = "; ".join(f"{m}: {c.detail()}" for m, c in sorted(row.cells.items()))
+    if not row.native:
+        text += f" — {row.protocol}: not the published protocol, never compared"
+    return text
 
 
 def footnote_lines(rows: Sequence[Row]) -> list[str]:
-    lines = []
+    """`[n] text` for every footnote number used by the rows."""
+    seen: dict[int, str] = {}
     for r in rows:
-        if r.footnote is None:
-            continue
-        extra = "" if r.comparable else "; not the paper protocol, not compared"
-        lines.append(f"[{r.footnote}] {r.protocol}{extra}")
-    return lines
+        if r.footnote is not None:
+            seen.setdefault(r.footnote, _footnote_text(r))
+    return [f"[{n}] {text}" for n, text in sorted(seen.items())]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -292,14 +567,17 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return f"{v:.{digits}f}"
 
 
-def _cell(row: Row, model: str) -> str:
-    if model not in row.cells:
+def _cell_text(row: Row, model: str) -> str:
+    cell = row.cells.get(model)
+    if cell is None:
         return ""
-    text = _fmt(row.cells[model])
+    text = _fmt(cell.value)
     d = row.delta(model)
     if d is not None:
         sign = "+" if d > 0 else ("−" if d < 0 else "±")
         text += f" ({sign}{abs(d):.1f})"
+    elif cell.partial:
+        text += f" ({cell.partial})"
     return text
 
 
@@ -307,11 +585,12 @@ def _models(rows: Sequence[Row]) -> list[str]:
     return sorted({m for r in rows for m in r.cells})
 
 
-def _reported(row: Row, models: Sequence[str]) -> str:
-    if not row.comparable:
+def _reported_text(row: Row, models: Sequence[str]) -> str:
+    present = [m for m in models if m in row.cells]
+    if not any(row.cells[m].reported is not None for m in present):
         return "—"
-    vals = [_fmt(row.reported[m]) for m in models if m in row.reported]
-    return " / ".join(vals) if vals else "—"
+    text = " / ".join(_fmt(row.cells[m].reported) for m in present)
+    return f"{text} (oracle)" if row.oracle else text
 
 
 def format_table(rows: Sequence[Row], fmt: str = "md") -> str:
@@ -325,14 +604,24 @@ def format_table(rows: Sequence[Row], fmt: str = "md") -> str:
                 "split": r.split,
                 "shots": r.shots,
                 "metric": r.metric,
+                "oracle": r.oracle,
                 "protocol": r.protocol,
-                "comparable": r.comparable,
+                "native_protocol": r.native,
                 "footnote": r.footnote,
                 "cells": {
-                    m: {"value": r.cells[m], "parts": r.parts[m], "delta": r.delta(m)}
-                    for m in r.cells
+                    m: {
+                        "value": c.value,
+                        "parts": c.parts,
+                        "resolution": c.resolution,
+                        "threshold": c.threshold,
+                        "oracle_t": c.oracle_t,
+                        "reported": c.reported,
+                        "delta": r.delta(m),
+                        "partial": c.partial,
+                        "reference_id": c.ref_id,
+                    }
+                    for m, c in r.cells.items()
                 },
-                "reported": r.reported if r.comparable else {},
             }
             for r in rows
         ]
@@ -341,27 +630,30 @@ def format_table(rows: Sequence[Row], fmt: str = "md") -> str:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(
-            ["benchmark", "dataset", "split", "shots", "metric", "protocol", "model"]
-            + ["value", "parts", "reported", "delta"]
+            ["benchmark", "dataset", "split", "shots", "metric", "oracle", "protocol", "model"]
+            + ["value", "parts", "resolution", "threshold", "reported", "delta", "partial"]
+            + ["reference_id"]
         )
         for r in rows:
             for m in models:
-                if m not in r.cells:
+                c = r.cells.get(m)
+                if c is None:
                     continue
-                rep = r.reported.get(m) if r.comparable else None
                 d = r.delta(m)
                 w.writerow(
-                    [r.benchmark, r.dataset, r.split, r.shots, r.metric, r.protocol, m]
-                    + [r.cells[m], r.parts[m], "" if rep is None else rep, "" if d is None else d]
+                    [r.benchmark, r.dataset, r.split, r.shots, r.metric, r.oracle, r.protocol, m]
+                    + [c.value, _fmt_parts(c.parts), c.resolution, c.threshold]
+                    + ["" if c.reported is None else c.reported, "" if d is None else d]
+                    + [c.partial or "", c.ref_id or ""]
                 )
         return buf.getvalue()
     if fmt != "md":
         raise ValueError(f"format must be md, csv or json, got {fmt!r}")
-    header = ["benchmark · metric", "shots", *models, "reported"]
+    header = ["benchmark · metric", "protocol", "shots", *models, "reported"]
     body = [
-        [r.label(), "—" if r.shots is None else str(r.shots)]
-        + [_cell(r, m) for m in models]
-        + [_reported(r, models)]
+        [r.label(), r.protocol, "—" if r.shots is None else str(r.shots)]
+        + [_cell_text(r, m) for m in models]
+        + [_reported_text(r, models)]
         for r in rows
     ]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
@@ -379,26 +671,18 @@ def format_table(rows: Sequence[Row], fmt: str = "md") -> str:
 
 
 def gate_failures(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Cells of status-R reference rows whose |Δ| exceeds the row's tolerance."""
+    """Cells matched to a status-R reference row whose |Δ| exceeds the row's tolerance."""
+    by_id = {str(e.get("id")): e for e in reference}
     fails = []
     for r in rows:
-        for m, reported in r.reported.items():
+        for m, cell in r.cells.items():
             d = r.delta(m)
-            if d is None:
+            entry = by_id.get(str(cell.ref_id))
+            if d is None or entry is None:
                 continue
-            for e in reference:
-                if (
-                    e.get("status") == "R"
-                    and e.get("tolerance") is not None
-                    and e.get("value") is not None
-                    and m in _ref_models(e)
-                    and e.get("benchmark") == r.benchmark
-                    and e.get("dataset") == r.dataset
-                    and e.get("metric") == r.metric
-                    and float(e.get("value")) == reported
-                    and abs(d) > float(e["tolerance"])
-                ):
-                    fails.append(f"{r.label()} {m}: Δ {d:+.2f} > {e['tolerance']}")
+            tol = entry.get("tolerance")
+            if entry.get("status") == "R" and tol is not None and abs(d) > float(tol):
+                fails.append(f"{r.label()} {m}: Δ {d:+.2f} > {tol} ({entry.get('id')})")
     return fails
 
 
@@ -409,24 +693,26 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def draw_chart(rows: Sequence[Row], path: str | Path) -> Path:
-    """Grouped bar chart: per row one bar per model (and a grey bar for the reported value)."""
+    """Grouped bar chart: per row one bar per model, a black tick at each reported value."""
     from PIL import Image, ImageDraw, ImageFont
 
     models = _models(rows)
-    series = [*models, "reported"]
     colors = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(models)}
-    colors["reported"] = (150, 150, 150)
     bar, gap, left, top, plot_h = 14, 18, 50, 30, 260
-    group_w = bar * len(series) + gap
+    group_w = bar * max(len(models), 1) + gap
     width = max(left + group_w * max(len(rows), 1) + 20, 360)
-    height = top + plot_h + 40 + 14 * len(rows) + 16 * len(series)
+    height = top + plot_h + 40 + 14 * len(rows) + 16 * (len(models) + 1)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    values = [v for r in rows for v in r.cells.values() if not math.isnan(v)]
-    values += [v for r in rows if r.comparable for v in r.reported.values()]
+    values = [c.value for r in rows for c in r.cells.values() if not math.isnan(c.value)]
+    values += [c.reported for r in rows for c in r.cells.values() if c.reported is not None]
     vmax = max([100.0 if max(values, default=0) > 1 else 1.0, *values])
     base_y = top + plot_h
+
+    def y_of(v: float) -> float:
+        return base_y - max(0.0, min(v / vmax, 1.0)) * plot_h
+
     draw.line([(left, top), (left, base_y), (width - 10, base_y)], fill="black")
     for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
         y = base_y - frac * plot_h
@@ -434,26 +720,29 @@ def draw_chart(rows: Sequence[Row], path: str | Path) -> Path:
         draw.text((4, y - 6), f"{frac * vmax:.0f}", fill="black", font=font)
     for i, r in enumerate(rows):
         x0 = left + 10 + i * group_w
-        for j, s in enumerate(series):
-            v = r.cells.get(s) if s != "reported" else None
-            if s == "reported" and r.comparable and r.reported:
-                v = sum(r.reported.values()) / len(r.reported)
-            if v is None or math.isnan(v):
+        for j, m in enumerate(models):
+            cell = r.cells.get(m)
+            if cell is None:
                 continue
-            h = max(0.0, min(v / vmax, 1.0)) * plot_h
             x = x0 + j * bar
-            draw.rectangle([x, base_y - h, x + bar - 2, base_y], fill=colors[s])
-        label = f"{i + 1}"
-        draw.text((x0, base_y + 4), label, fill="black", font=font)
+            if not math.isnan(cell.value):
+                draw.rectangle([x, y_of(cell.value), x + bar - 2, base_y], fill=colors[m])
+            if cell.reported is not None:
+                y = y_of(cell.reported)
+                draw.line([(x - 1, y), (x + bar - 1, y)], fill="black", width=2)
+        draw.text((x0, base_y + 4), f"{i + 1}", fill="black", font=font)
     y = base_y + 24
     for i, r in enumerate(rows):
         shots = "" if r.shots is None else f", {r.shots}-shot"
-        draw.text((left, y), f"{i + 1}: {r.label()}{shots}", fill="black", font=font)
+        draw.text((left, y), f"{i + 1}: {r.label()}{shots} · {r.protocol}", fill="black", font=font)
         y += 14
-    for s in series:
-        draw.rectangle([left, y + 3, left + 10, y + 11], fill=colors[s])
-        draw.text((left + 16, y), s, fill="black", font=font)
+    for m in models:
+        draw.rectangle([left, y + 3, left + 10, y + 11], fill=colors[m])
+        draw.text((left + 16, y), m, fill="black", font=font)
         y += 16
+    draw.line([(left, y + 7), (left + 10, y + 7)], fill="black", width=2)
+    legend = "reported (same protocol, all folds / seeds)"
+    draw.text((left + 16, y), legend, fill="black", font=font)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out, format="PNG")
@@ -462,6 +751,14 @@ def draw_chart(rows: Sequence[Row], path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------
 # command
+
+
+def default_chart_path(results: Sequence[str | Path], output: str | Path | None = None) -> Path:
+    """Where the chart goes without --chart: beside the -o table, else in the runs folder given."""
+    if output:
+        return Path(output).with_suffix(".png")
+    folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in results]
+    return Path(os.path.commonpath([str(f.resolve()) for f in folders])) / "report.png"
 
 
 def main_report(
@@ -473,18 +770,25 @@ def main_report(
     output: str | Path | None = None,
     gate: bool = False,
 ) -> int:
-    """`promptseg bench report`: print (or write) the table; exit 1 if `gate` and a gate fails."""
+    """`promptseg bench report`: print (or write) the table and write the PNG chart (default
+    `<runs>/report.png`); exit 1 if `gate` and a gate fails."""
     if reference is None and DEFAULT_REFERENCE.is_file():
         reference = DEFAULT_REFERENCE
     ref = load_reference(reference)
-    rows = build_rows(load_results(results), ref)
+    loaded = load_results(results)
+    if not loaded:
+        raise FileNotFoundError(
+            f"no result.json under {', '.join(map(str, results))}: run `promptseg eval …` "
+            "(or `promptseg bench run SUITE`) first, or pass the folder its --out wrote to"
+        )
+    rows = build_rows(loaded, ref)
     text = format_table(rows, fmt)
     if output:
         Path(output).write_text(text, encoding="utf-8")
     else:
         sys.stdout.write(text)
-    if chart:
-        draw_chart(rows, chart)
+    chart_path = draw_chart(rows, chart or default_chart_path(results, output))
+    print(f"chart: {chart_path}", file=sys.stderr)
     if gate:
         fails = gate_failures(rows, ref)
         for f in fails:

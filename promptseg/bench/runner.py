@@ -15,9 +15,11 @@ import platform
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -25,14 +27,23 @@ from tqdm import tqdm
 __all__ = [
     "SCHEMA_VERSION",
     "Progress",
+    "encode_prompts",
     "environment",
     "model_record",
+    "prefetch",
     "run_dir",
+    "segment_encoded",
+    "weights_sha256",
     "write_json",
     "write_result",
 ]
 
 SCHEMA_VERSION = 1
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""torch dtype -> the name the CLI (--dtype) and the result JSON (env.dtype) use."""
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def run_dir(
@@ -133,14 +144,37 @@ def environment(model: torch.nn.Module) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "device": str(buf.device),
-        "dtype": str(buf.dtype).replace("torch.", ""),
+        "dtype": DTYPE_NAMES.get(buf.dtype, str(buf.dtype).replace("torch.", "")),
         "tf32": bool(torch.backends.cuda.matmul.allow_tf32),
         "python": platform.python_version(),
     }
 
 
+def weights_sha256(
+    card: Any,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    pretrained: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+) -> str | None:
+    """sha256 of the weights file a model was loaded from (`checkpoint_path`, else the cache).
+
+    A pretrained model loads (and on first use writes) the converted cache file
+    `promptseg.weights.native_checkpoint_path`; None for random init or a checkpoint folder.
+    """
+    from ..weights import native_checkpoint_path, sha256_file
+
+    if checkpoint_path is not None:
+        path = Path(checkpoint_path)
+    elif pretrained:
+        path = native_checkpoint_path(card, cache_dir)
+    else:
+        return None
+    return sha256_file(path) if path.is_file() else None
+
+
 def model_record(model: torch.nn.Module) -> dict[str, Any]:
-    """Model name, tag, promptseg version and git commit for the result JSON."""
+    """Model name, tag, weights sha256 (`model.weights_sha256`), version and git commit."""
     from .. import __version__
 
     card = model.card
@@ -167,6 +201,74 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def prefetch(fn: Callable[[T], R], items: Iterable[T], workers: int, ahead: int) -> Iterator[R]:
+    """`fn(item)` for every item, in order; `workers` threads compute up to `ahead` in advance."""
+    if workers < 0 or ahead < 1:
+        raise ValueError(f"workers must be >= 0 and ahead >= 1, got {workers} and {ahead}")
+    if workers == 0:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="promptseg-load")
+    window: deque[Future[R]] = deque()
+    try:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) > ahead:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def encode_prompts(
+    model: Any, prompts: Sequence[Any], level: str | None = None
+) -> list[tuple[list[Any], Any]]:
+    """(normalised prompts, their embeddings for `level`) per user prompt, in ONE encoder call.
+
+    Every family returns prompt embeddings indexed by prompt along the first axis (a list or a
+    tensor); that is how the batch is split back.
+    """
+    lists = [model.prepare_prompts(p) for p in prompts]
+    flat = [p for group in lists for p in group]
+    with torch.inference_mode():
+        embeddings = model.embed_prompt(flat, model.check_level(level))
+    if len(lists) == 1:
+        return [(lists[0], embeddings)]
+    if not isinstance(embeddings, list | tuple | torch.Tensor) or len(embeddings) != len(flat):
+        raise ValueError(
+            f"{model.card.name}.encode_prompt does not return one embedding per prompt, so "
+            "prompts of several items cannot be encoded together; use --batch-size 1"
+        )
+    out, start = [], 0
+    for group in lists:
+        out.append((group, embeddings[start : start + len(group)]))
+        start += len(group)
+    return out
+
+
+def segment_encoded(
+    model: Any,
+    image: Any,
+    prompts: list[Any],
+    embeddings: Any,
+    *,
+    level: str | None = None,
+    threshold: float | None = None,
+    output_size: Any = "original",
+) -> Any:
+    """`model.segment` with prompts already encoded (`encode_prompts`): encodes the image only."""
+    level = model.check_level(level)
+    return model.run(
+        model.embed_image(image, level),
+        prompts,
+        embeddings,
+        level=level,
+        threshold=threshold,
+        output_size=output_size,
+    )
 
 
 def now_iso() -> str:

@@ -45,27 +45,41 @@ def episodes_tsv(
     return episode_digest(eps), len(eps)
 
 
-def verify_splits(splits_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """One row per known hsnet split file: relpath, expected and actual sha256, status
-    OK | MISMATCH | MISSING. Default folder: the download cache (`<cache>/hsnet-splits`)."""
+def verify_splits(
+    splits_dir: str | Path | None = None, *, data_root: str | Path | None = None
+) -> list[dict[str, Any]]:
+    """Rows (file, upstream, path, expected, actual, status OK|MISMATCH|MISSING) per split file.
+
+    Files are looked up in `splits_dir` (hsnet's layout), where the Matcher/SINE layout puts them
+    under `data_root` (as `FewShotDataset` finds them), else in the download cache.
+    """
+    from ..data.fewshot import _MATCHER_SPLITS
     from ..data.splits import SPLIT_FILES, SPLITS_CACHE_KEY, file_sha256
 
-    if splits_dir is None:
+    if splits_dir is not None and data_root is not None:
+        raise ValueError(
+            "give either splits_dir (hsnet layout) or data_root (Matcher/SINE), not both"
+        )
+    if splits_dir is None and data_root is None:
         from ..weights import cache_root
 
-        root = cache_root() / SPLITS_CACHE_KEY
-    else:
-        root = Path(splits_dir)
+        splits_dir = cache_root() / SPLITS_CACHE_KEY
     rows = []
     for entry in SPLIT_FILES:
-        path = root / entry.relpath
+        if data_root is not None:
+            rel = _MATCHER_SPLITS[entry.dataset].format(f=entry.fold)
+            path = Path(data_root) / rel
+        else:
+            rel = entry.relpath
+            path = Path(splits_dir) / rel
         actual = file_sha256(path) if path.is_file() else None
         status = "MISSING" if actual is None else "OK" if actual == entry.sha256 else "MISMATCH"
         rows.append(
             {
                 "dataset": entry.dataset,
                 "fold": entry.fold,
-                "file": entry.relpath,
+                "file": rel,
+                "upstream": entry.relpath,
                 "path": str(path),
                 "expected": entry.sha256,
                 "actual": actual,

@@ -6,11 +6,13 @@ PNGs `<run>/pngs/<seq>/<frame>.png` at GT size (§1.6). Scoring: DAVIS-2017 with
 `promptseg.metrics.davis.evaluate_davis` (per object, P15); DAVIS-2016 is SINE's toolkit variant
 (P16): the 2016 sequence list, GT = union of the DAVIS-2017 objects, prediction binarised `> 0`,
 one object per sequence — the model still receives the multi-object 2017 frame-0 mask.
+Models with a video memory get the per-dataset memory size of SINE's evaluation (sine.md §4.3).
 `--resume` skips sequences whose PNGs were all written by the interrupted run.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import shutil
 from pathlib import Path
@@ -36,6 +38,10 @@ from .runner import (
 __all__ = ["VOS_DATASETS", "eval_vos"]
 
 VOS_DATASETS = {"davis17-val": "2017", "davis16-val": "2016"}
+VOS_MEMORY = {"davis17-val": 6, "davis16-val": 2}
+"""Frames per object memory (first-frame GT included), SINE `eval_vos.py` `num_frame`."""
+PER_FRAME = ("frames", "J", "F")
+"""Per-object per-frame scores (frames 1 .. n-2): the accumulators every measure derives from."""
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
@@ -50,11 +56,24 @@ def _gt_size(data: DavisDataset, seq: str, index: int) -> tuple[int, int]:
         return im.height, im.width
 
 
-def _run_sequence(model: Any, data: DavisDataset, seq: str, out_dir: Path, merge: bool) -> None:
+def _video_options(model: Any, dataset: str) -> dict[str, Any]:
+    """Keyword arguments of `segment_video`: the dataset's memory size if the model has one."""
+    takes_memory = "memory" in inspect.signature(model.segment_video).parameters
+    return {"memory": VOS_MEMORY[dataset]} if takes_memory else {}
+
+
+def _run_sequence(
+    model: Any,
+    data: DavisDataset,
+    seq: str,
+    out_dir: Path,
+    merge: bool,
+    options: dict[str, Any],
+) -> None:
     frames = data.frames(seq)
     first = _first_mask_2017(data, seq)
     written = 0
-    preds = model.segment_video([str(f) for f in frames], first)
+    preds = model.segment_video([str(f) for f in frames], first, **options)
     for frame, pred in zip(frames, preds, strict=False):
         labels = torch.as_tensor(pred).to(torch.int64)
         size = _gt_size(data, seq, written)
@@ -132,8 +151,9 @@ def eval_vos(
     """Run one DAVIS variant, score it and write result.json; returns the result dict.
 
     Metrics are reported x100 (J&F-Mean, J/F Mean, Recall, Decay, means over objects); the
-    per-object rows keep the toolkit's fractions and the per-frame J and F. The PNGs stay under
-    `<run>/pngs` with `save_pngs`, else they are removed once scored.
+    per-object rows keep the toolkit's fractions, `accumulators` the per-frame J and F of every
+    object (name -> frames, J, F). The PNGs stay under `<run>/pngs` with `save_pngs`, else they
+    are removed once scored.
     """
     if dataset not in VOS_DATASETS:
         raise ValueError(f"unknown VOS dataset {dataset!r}; choose from {sorted(VOS_DATASETS)}")
@@ -149,11 +169,12 @@ def eval_vos(
     if not resume and png_dir.exists():
         shutil.rmtree(png_dir)
     n_frames = {s: len(data.frames(s)) for s in sequences}
+    options = _video_options(model, dataset)
     with torch.inference_mode():
         for seq in progress.iterate(sequences, len(sequences), dict, desc=f"vos {dataset}"):
             if (png_dir / seq).exists():
                 shutil.rmtree(png_dir / seq)  # a sequence interrupted half-way is redone
-            _run_sequence(model, data, seq, png_dir, merge)
+            _run_sequence(model, data, seq, png_dir, merge, options)
     progress.save({})
     if merge:
         scores = _evaluate_merged(data, png_dir, sequences)
@@ -161,6 +182,7 @@ def eval_vos(
         scores = evaluate_davis(data.root, png_dir, year=year, sequences=sequences)
     timing_total = progress.elapsed
     total_frames = sum(n_frames.values())
+    rows = scores["per_object"]
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "vos",
@@ -178,12 +200,14 @@ def eval_vos(
         "protocol": {
             "resolution": "original",
             "variant": "sine-merged" if merge else "davis2017-semi-supervised",
+            "memory": options.get("memory"),
             "metric_impl": "promptseg.metrics.davis@1",
-            "units": "metrics x100; per_object fractions",
+            "units": "metrics x100; per_object and accumulators fractions",
         },
         "env": environment(model),
         "metrics": {m: 100.0 * scores[m] for m in MEASURES},
-        "per_object": scores["per_object"],
+        "per_object": [{k: v for k, v in row.items() if k not in PER_FRAME} for row in rows],
+        "accumulators": {row["name"]: {k: row[k] for k in PER_FRAME} for row in rows},
         "pngs": str(png_dir) if save_pngs else None,
     }
     write_result(directory, payload, timing_total, total_frames, "frame")

@@ -5,28 +5,32 @@ few-shot mIoU / FB-IoU, semantic mIoU and COCO AP in percent; PQ, DAVIS J/F and 
 fixed-interval metrics as fractions.
 """
 
-from . import clipseg, coco_ap, davis, fss, panoptic, semseg
+from . import clipseg, coco_ap, davis, fss, panoptic, perseg, semseg
 from .clipseg import FixedIntervalMetrics
 from .coco_ap import coco_mask_ap
 from .davis import evaluate_davis, f_measure, j_measure
 from .fss import FewShotSegEvaluator
 from .panoptic import PQStat, pq_compute
+from .perseg import PerSegEvaluator, evaluate_perseg
 from .semseg import SemSegEvaluator
 
 __all__ = [
     "FewShotSegEvaluator",
     "FixedIntervalMetrics",
     "PQStat",
+    "PerSegEvaluator",
     "SemSegEvaluator",
     "clipseg",
     "coco_ap",
     "coco_mask_ap",
     "davis",
     "evaluate_davis",
+    "evaluate_perseg",
     "f_measure",
     "fss",
     "j_measure",
     "panoptic",
+    "perseg",
     "pq_compute",
     "semseg",
 ]

@@ -1,17 +1,21 @@
 """Test models for the benchmark harness: exact answers on the miniature datasets, no weights.
 
-    ColorKey        finds the colour a prompt stands for (a class name's `class_color`, or the
-                    dominant colour under a reference mask) -> perfect scores on mini datasets
-    Empty           finds nothing -> the metrics' documented edge values
-    ShiftedOracle   ColorKey with every mask shifted right by `dx` pixels -> hand-computable scores
+    ColorKey           finds the colour a prompt stands for (a class name's `class_color`, or the
+                       dominant colour under a reference mask) -> perfect scores on mini datasets
+    Empty              finds nothing -> the metrics' documented edge values (see `Empty`)
+    ShiftedOracle(dx)  ColorKey with every mask shifted right by `dx` pixels (left if dx < 0)
+                       -> hand-computable scores
 
 They take every prompt kind and produce every output level, so one command can drive every
-`promptseg eval` path end to end in seconds (benchmarks.md §5.3).
+`promptseg eval` path end to end in seconds (benchmarks.md §5.3). The zoo names `test_colorkey`,
+`test_empty` and `test_shifted` (dx 8) build them through the `testing` family, whose card's
+`config.mode` (colorkey | empty | shifted) picks the class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -24,9 +28,10 @@ from ..registry import register_model
 from ..result import SegmentationResult
 from ..testing.colors import class_color
 from ..transforms import resize_mask
+from ..zoo import ModelCard, model_info
 from .base import ImageEmbedding, PromptSegModel
 
-__all__ = ["ColorKey"]
+__all__ = ["ColorKey", "Empty", "ShiftedOracle"]
 
 TOLERANCE = 6  # JPEG keeps flat 8x8-aligned blocks within a few levels of their colour
 
@@ -50,17 +55,26 @@ def color_mask(image: torch.Tensor, colors: Sequence[tuple[int, int, int]]) -> t
     return out
 
 
-@register_model("testing")
 class ColorKey(PromptSegModel):
-    """Segments by colour; the card's `config.mode` selects colorkey | empty | shifted (dx)."""
+    """Segments by colour: perfect masks on the miniature datasets (mIoU, PQ, AP, J&F = 100).
+
+    A text prompt or vocabulary class finds `class_color(name)`; a visual prompt finds the
+    dominant colour under its reference mask; a video follows the frame-0 colour of each object.
+    Without a card it is the zoo's `test_colorkey`. Smoothed metrics stay just below 100:
+    PerSeg gives 100 ΣI / (ΣI + 1e-10) per object, CLIPSeg (`eval refer`) |GT| / (|GT| + 1)
+    per phrase.
+    """
 
     levels = ("semantic", "instance", "panoptic", "identity")
+    zoo_name = "test_colorkey"
 
-    def __init__(self, card: Any) -> None:
-        super().__init__(card)
-        self.mode = card.config.get("mode", "colorkey")
-        self.dx = int(card.config.get("dx", 0))
+    def __init__(self, card: ModelCard | None = None) -> None:
+        super().__init__(card if card is not None else model_info(self.zoo_name))
         self.register_buffer("_anchor", torch.zeros(1))  # gives the model a device and dtype
+
+    def finish(self, mask: torch.Tensor) -> torch.Tensor:
+        """The mask [H, W] this model reports for an exact colour mask (ColorKey: unchanged)."""
+        return mask
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         return image
@@ -119,13 +133,7 @@ class ColorKey(PromptSegModel):
         for entries in prompt_embeddings:
             masks = []
             for e in entries:
-                m = color_mask(image, e["colors"])
-                if self.mode == "empty":
-                    m = torch.zeros_like(m)
-                elif self.mode == "shifted" and self.dx:
-                    m = torch.roll(m, self.dx, dims=1)
-                    m[:, : self.dx] = False
-                masks.append(m)
+                masks.append(self.finish(color_mask(image, e["colors"])))
             out.append(list(zip(entries, masks, strict=True)))
         return out
 
@@ -188,14 +196,76 @@ class ColorKey(PromptSegModel):
         for frame in frames:
             image = load_image(frame)
             out = torch.zeros(image.shape[1:], dtype=torch.int64)
-            if self.mode != "empty":
-                for k in objects:  # overlaps go to the larger id, as SINE resolves them
-                    m = color_mask(image, [colors[k]])
-                    if self.mode == "shifted" and self.dx:
-                        m = torch.roll(m, self.dx, dims=1)
-                        m[:, : self.dx] = False
-                    out[m] = k
+            for k in objects:  # overlaps go to the larger id, as SINE resolves them
+                out[self.finish(color_mask(image, [colors[k]]))] = k
             yield out
+
+
+class Empty(ColorKey):
+    """Finds nothing: every mask is empty, so each eval path gives its documented edge value.
+
+    fss       mIoU 0; FB-IoU = 50 x the pooled background IoU (= the share of scored pixels that
+              are GT background), strictly between 0 and 50 when any GT is foreground
+    fsis      segm / box AP 0 with `empty_predictions: true` (pycocotools is not run)
+    vos       J = F = 0 on frames showing the object, 1 on frames where GT is empty too (DAVIS:
+              empty union = 1); J&F = 100 x the per-object mean share of evaluated frames in
+              which the object is absent (0 when every object is always visible)
+    ovseg     PQ = SQ = RQ = 0 (every GT segment a false negative), AP 0 with
+              `empty_predictions: true`, mIoU = pACC = 0
+    refer     mIoU, IoU_FG and AP 0 (CLIPSeg's +1 denominators: 0 / (|GT| + 1)); IoU_BIN = half
+              the smoothed background IoU, strictly between 0 and 50
+    perseg    mIoU = mAcc = 0 (ΣI = 0 for every object)
+    """
+
+    zoo_name = "test_empty"
+
+    def finish(self, mask: torch.Tensor) -> torch.Tensor:
+        """An empty mask of the same size."""
+        return torch.zeros_like(mask)
+
+
+class ShiftedOracle(ColorKey):
+    """ColorKey with every mask shifted `dx` pixels to the right (left if dx < 0), zero-filled.
+
+    A w x h rectangle shifted by 0 <= dx <= w inside the image scores IoU (w - dx) / (w + dx), so
+    every metric is computable by hand (e.g. DAVIS DV-1). Without a card it is the zoo's
+    `test_shifted` with `config.dx` set to `dx`.
+    """
+
+    zoo_name = "test_shifted"
+
+    def __init__(self, dx: int = 8, card: ModelCard | None = None) -> None:
+        base = card if card is not None else model_info(self.zoo_name)
+        super().__init__(replace(base, config={**base.config, "dx": int(dx)}))
+        self.dx = int(dx)
+
+    def finish(self, mask: torch.Tensor) -> torch.Tensor:
+        """`mask` moved `dx` columns; pixels moved out of the image are dropped."""
+        w = mask.shape[-1]
+        out = torch.zeros_like(mask)
+        if self.dx >= 0:
+            out[..., self.dx :] = mask[..., : max(w - self.dx, 0)]
+        else:
+            out[..., : max(w + self.dx, 0)] = mask[..., min(-self.dx, w) :]
+        return out
+
+
+@register_model("testing")
+class ZooTestModel(ColorKey):
+    """The `testing` family of zoo.yaml: `config.mode` picks ColorKey, Empty or ShiftedOracle."""
+
+    def __new__(cls, card: ModelCard) -> ColorKey:  # type: ignore[misc]
+        mode = card.config.get("mode", "colorkey")
+        if mode == "colorkey":
+            return ColorKey(card)
+        if mode == "empty":
+            return Empty(card)
+        if mode == "shifted":
+            return ShiftedOracle(int(card.config.get("dx", 8)), card)
+        raise ValueError(
+            f"{card.name}: config.mode of a 'testing' model must be colorkey, empty or shifted, "
+            f"got {mode!r}"
+        )
 
 
 def _components(mask: torch.Tensor) -> list[torch.Tensor]:

@@ -72,6 +72,51 @@ def test_verify_splits_on_the_shared_copy_is_all_ok(capsys):
     assert table.count("| OK |") == 9 and "MISMATCH" not in table and "MISSING" not in table
 
 
+def _matcher_layout(root: Path, splits: Path, *, pascal_folds=range(4)) -> Path:
+    """A data root holding hsnet split files where Matcher/SINE keep them."""
+    import shutil
+
+    for f in pascal_folds:
+        dst = root / "VOC2012" / "splits" / "val" / f"fold{f}.txt"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(splits / "pascal" / "val" / f"fold{f}.txt", dst)
+    if (splits / "fss" / "test.txt").is_file():
+        dst = root / "FSS-1000" / "splits" / "test.txt"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(splits / "fss" / "test.txt", dst)
+    for f in range(4):
+        src = splits / "coco" / "val" / f"fold{f}.pkl"
+        if src.is_file():
+            dst = root / "COCO2014" / "splits" / "val" / f"fold{f}.pkl"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+    return root
+
+
+def test_verify_splits_reads_a_matcher_data_root(mini, tmp_path, capsys):
+    root = _matcher_layout(tmp_path, mini / "splits", pascal_folds=[0, 1])
+    assert main(["bench", "verify-splits", "--data-root", str(root)]) == 1
+    rows = {line.split(" | ")[0][2:]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    assert "MISMATCH" in rows["VOC2012/splits/val/fold0.txt"]  # the mini lists, found there
+    assert "MISMATCH" in rows["FSS-1000/splits/test.txt"]
+    assert "MISSING" in rows["VOC2012/splits/val/fold2.txt"]
+    assert "MISSING" in rows["COCO2014/splits/val/fold0.pkl"]
+    with pytest.raises(SystemExit):  # argparse: --splits-dir not allowed with --data-root
+        main(["bench", "verify-splits", "--data-root", "x", "--splits-dir", "y"])
+    from promptseg.bench.tools import verify_splits
+
+    with pytest.raises(ValueError, match="not both"):
+        verify_splits("x", data_root="y")
+
+
+@pytest.mark.skipif(not SHARED_SPLITS.is_dir(), reason="shared hsnet split files not present")
+def test_verify_splits_on_a_matcher_data_root_with_upstream_files(tmp_path, capsys):
+    root = _matcher_layout(tmp_path, SHARED_SPLITS)
+    assert main(["bench", "verify-splits", "--data-root", str(root)]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| OK |") == 9 and "COCO2014/splits/val/fold3.pkl | OK" in table
+
+
 def test_bench_run_executes_a_suite(tmp_path, capsys):
     from promptseg.cli import main
     from promptseg.testing.mini_fewshot import make_mini_fewshot

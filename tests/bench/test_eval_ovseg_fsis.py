@@ -152,3 +152,68 @@ def test_bad_tasks_and_seeds():
         _parse_tasks("pq,foo")
     with pytest.raises(ValueError):
         parse_seeds("")
+
+
+def _count_model_calls(monkeypatch):
+    """Record encode_prompt and encode_image calls of the test models."""
+    from promptseg.models.testing import ColorKey
+
+    calls = {"encode_prompt": 0, "encode_image": 0}
+    encode_prompt, encode_image = ColorKey.encode_prompt, ColorKey.encode_image
+
+    def counting_prompt(self, prompts):
+        calls["encode_prompt"] += 1
+        return encode_prompt(self, prompts)
+
+    def counting_image(self, pixels):
+        calls["encode_image"] += 1
+        return encode_image(self, pixels)
+
+    monkeypatch.setattr(ColorKey, "encode_prompt", counting_prompt)
+    monkeypatch.setattr(ColorKey, "encode_image", counting_image)
+    return calls
+
+
+def test_fsis_encodes_the_support_set_once_per_seed(mini, tmp_path, monkeypatch):
+    calls = _count_model_calls(monkeypatch)
+    res = fsis(mini, tmp_path, "test_colorkey", "coco-novel", 5)
+    assert calls == {"encode_prompt": 2, "encode_image": 2 * res["n_images"]}
+    assert res["metrics"]["AP"] == pytest.approx(100.0)
+    acc = res["accumulators"]
+    assert acc["img_ids"] == sorted(acc["img_ids"]) and len(acc["img_ids"]) == res["n_images"]
+    run = tmp_path / "fsis" / "coco-novel" / "-" / "5" / "test_colorkey"
+    for row, seed in zip(acc["seeds"], res["per_seed"], strict=True):
+        saved = json.loads((run / row["results_json"]).read_text())["results"]
+        assert len(saved) == seed["n_detections"] > 0
+    assert res["env"]["dtype"] == "fp32"
+
+
+def test_fsis_resume_skips_finished_seeds(mini, tmp_path, monkeypatch):
+    full = fsis(mini, tmp_path / "full", "test_shifted", "coco-novel", 1)
+    n_images = full["n_images"]
+    from promptseg.bench import runner
+
+    original = runner.Progress.iterate
+    seen = {"n": 0}
+
+    def crash_in_seed_1(self, *a, **k):
+        self.every = 1
+        for item in original(self, *a, **k):
+            if seen["n"] == n_images + 3:  # seed 0 done, 3 images of seed 1 done
+                raise KeyboardInterrupt
+            seen["n"] += 1
+            yield item
+
+    monkeypatch.setattr(runner.Progress, "iterate", crash_in_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        fsis(mini, tmp_path / "res", "test_shifted", "coco-novel", 1)
+    monkeypatch.setattr(runner.Progress, "iterate", original)
+    run = tmp_path / "res" / "fsis" / "coco-novel" / "-" / "1" / "test_shifted"
+    assert (run / "seed0" / "segm_results.json").is_file()
+    assert len(json.loads((run / "seed1" / "progress.json").read_text())["done"]) == 3
+    calls = _count_model_calls(monkeypatch)
+    resumed = fsis(mini, tmp_path / "res", "test_shifted", "coco-novel", 1, "--resume")
+    assert calls == {"encode_prompt": 1, "encode_image": n_images - 3}  # seed 1's rest only
+    assert resumed["per_seed"] == full["per_seed"] and resumed["metrics"] == full["metrics"]
+    assert 0 < full["metrics"]["AP"] < 100
+    assert not list(run.rglob("progress.json"))

@@ -39,8 +39,12 @@ def test_vos_colorkey_is_perfect(mini, tmp_path, dataset):
         ["bmx-trees", "dogs-jump"] if dataset == "davis17-val" else ["bmx-trees"]
     )
     row = result["per_object"][0]
-    assert row["frames"] == ["00001", "00002", "00003", "00004"]  # first and last excluded
-    assert row["J"] == row["F"] == [1.0] * 4
+    assert row["J-Mean"] == row["F-Mean"] == 1.0 and "J" not in row
+    frames = result["accumulators"][row["name"]]
+    assert frames["frames"] == ["00001", "00002", "00003", "00004"]  # first and last excluded
+    assert frames["J"] == frames["F"] == [1.0] * 4
+    assert set(result["accumulators"]) == {r["name"] for r in result["per_object"]}
+    assert result["protocol"]["memory"] is None  # ColorKey has no video memory
     assert {"model", "env", "protocol", "timing"} <= set(result)
     assert result["schema_version"] == 1 and result["benchmark"] == "vos"
     # indexed palette PNGs at GT size, labels as the model numbered them (merged for DAVIS-16)
@@ -57,7 +61,7 @@ def test_vos_empty_gives_the_edge_values(mini, tmp_path):
     # nothing predicted: J = F = 0 wherever the object exists; dogs-jump object 3 leaves the scene
     # after frame 3, so on evaluated frame 4 GT and prediction are both empty -> J = F = 1
     r17 = run(mini, tmp_path, "vos", "davis17-val", "test_empty")
-    rows = {row["name"]: row for row in r17["per_object"]}
+    rows = r17["accumulators"]
     assert rows["dogs-jump_3"]["J"] == rows["dogs-jump_3"]["F"] == [0.0, 0.0, 0.0, 1.0]
     for name in ("bmx-trees_1", "bmx-trees_2", "dogs-jump_1", "dogs-jump_2"):
         assert rows[name]["J"] == rows[name]["F"] == [0.0] * 4
@@ -106,7 +110,27 @@ def test_vos_resume_skips_written_sequences(mini, tmp_path, monkeypatch):
     assert len(calls) == 1 and "dogs-jump" in calls[0]
     assert resumed["metrics"] == full["metrics"]
     assert resumed["per_object"] == full["per_object"]
+    assert resumed["accumulators"] == full["accumulators"]
     assert not next((tmp_path / "res").rglob("result.json")).with_name("progress.json").exists()
+
+
+def test_vos_passes_the_dataset_memory_size(mini, tmp_path, monkeypatch):
+    from promptseg.models.testing import ColorKey
+
+    seen = []
+    video = ColorKey.segment_video
+
+    def with_memory(self, frames, first_mask, *, memory=None):
+        seen.append(memory)
+        return video(self, frames, first_mask)
+
+    monkeypatch.setattr(ColorKey, "segment_video", with_memory)
+    r16 = run(mini, tmp_path, "vos", "davis16-val", "test_colorkey")
+    assert seen == [2] and r16["protocol"]["memory"] == 2  # SINE: DAVIS-16 keeps 2 frames
+    seen.clear()
+    r17 = run(mini, tmp_path, "vos", "davis17-val", "test_colorkey")
+    assert seen == [6, 6] and r17["protocol"]["memory"] == 6
+    assert r17["metrics"]["J&F-Mean"] == 100.0
 
 
 def _expected_refer(mini):
@@ -132,7 +156,7 @@ def test_refer_colorkey_is_perfect_and_empty_scores_zero(mini, tmp_path):
         assert r["metrics"][f"mIoU@{t}"] == pytest.approx(miou, abs=1e-9)
         assert r["metrics"][f"IoU_FG@{t}"] == pytest.approx(fg, abs=1e-9)
     assert r["oracle"]["oracle"] is True and r["oracle"]["mIoU"] == pytest.approx(miou)
-    assert r["protocol"]["resolution"] == "model:352x352"
+    assert r["protocol"]["resolution"] == "model:352"
     assert r["protocol"]["thresholds"] == [0.3, 0.5]
     tp, fp, fn, _ = r["accumulators"]["total"][14]  # t = 0.3
     assert (tp, fp, fn) == (sum(sizes), 0, 0)
@@ -158,3 +182,38 @@ def test_refer_thresholds_must_be_on_the_grid(mini, tmp_path):
         parse_thresholds("0.31")
     with pytest.raises(ValueError, match="paper"):
         parse_thresholds("high")
+
+
+def test_refer_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch):
+    full = run(mini, tmp_path / "full", "refer", "phrasecut-test", "test_shifted")
+    from promptseg.bench import runner
+    from promptseg.models.base import PromptSegModel
+    from promptseg.models.testing import ColorKey
+
+    original = runner.Progress.iterate
+
+    def crash_after_first(self, *a, **k):
+        self.every = 1
+        for n, item in enumerate(original(self, *a, **k)):
+            if n == 1:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(runner.Progress, "iterate", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run(mini, tmp_path / "res", "refer", "phrasecut-test", "test_shifted")
+    monkeypatch.setattr(runner.Progress, "iterate", original)
+    progress = next((tmp_path / "res").rglob("progress.json"))
+    assert json.loads(progress.read_text())["done"] == [0]
+    images = []
+
+    def counting(self, image, prompt, **kw):
+        images.append(image)
+        return PromptSegModel.segment(self, image, prompt, **kw)
+
+    monkeypatch.setattr(ColorKey, "segment", counting)
+    resumed = run(mini, tmp_path / "res", "refer", "phrasecut-test", "test_shifted", "--resume")
+    assert len(images) == 1  # only the second image is segmented again
+    assert resumed["accumulators"] == full["accumulators"]
+    assert resumed["metrics"] == full["metrics"] and 0 < full["metrics"]["mIoU@0.3"] < 100
+    assert not progress.exists()
