@@ -6,11 +6,15 @@
 
 The image cache is keyed by the image's content hash: setting the same pixels again is free,
 setting other pixels always recomputes, so a prediction never comes from a stale image.
+A prompt can be set once (`set_prompt`) or as an embedding saved earlier
+(`set_prompt_embedding(model.load_prompt_embedding(path))`), then reused for every image.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from .imageio import ImageInput, content_hash, load_image
 from .models.base import ImageEmbedding, PromptSegModel
@@ -61,16 +65,32 @@ class Predictor:
     def set_prompt(self, prompt: Any) -> None:
         """Encode a prompt once; later `predict()` calls without a prompt reuse it."""
         self._prompts = self.model.prepare_prompts(prompt)
-        self._prompt_embeddings = self.model.encode_prompt(self._prompts)
+        with torch.inference_mode():
+            self._prompt_embeddings = self.model.encode_prompt(self._prompts)
+
+    def set_prompt_embedding(self, embeddings: Any) -> None:
+        """Reuse a prompt embedding (model.encode_prompt / load_prompt_embedding) as the prompt."""
+        prompt_embeddings = self.model.as_prompt_embedding(embeddings)
+        if prompt_embeddings is None:
+            raise TypeError(
+                f"{self.model.card.name} cannot use a {type(embeddings).__name__} as a prompt "
+                "embedding; pass what its encode_prompt() or load_prompt_embedding() returned"
+            )
+        self._prompts, self._prompt_embeddings = [], prompt_embeddings
 
     def predict(self, prompt: Any = None, **kwargs: Any) -> SegmentationResult:
-        """Segment the set image; `prompt=None` uses the prompt given to set_prompt()."""
+        """Segment the set image; `prompt=None` uses the prompt given to set_prompt().
+
+        `prompt` may also be a prompt embedding (encode_prompt / load_prompt_embedding).
+        """
         embedding = self.get_image_embedding()
         if prompt is None:
             if self._prompts is None:
                 raise RuntimeError("no prompt given and none set; pass one or call set_prompt()")
             prompts, cached = self._prompts, self._prompt_embeddings
+        elif (cached := self.model.as_prompt_embedding(prompt)) is not None:
+            prompts = []
         else:
-            prompts, cached = self.model.prepare_prompts(prompt), None
+            prompts = self.model.prepare_prompts(prompt)
         kwargs["level"] = self.model.check_level(kwargs.get("level"))
         return self.model.run(embedding, prompts, cached, **kwargs)

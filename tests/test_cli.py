@@ -142,3 +142,44 @@ def test_segment_needs_exactly_one_prompt_source(files, tmp_path, capsys):
     img, _ = files
     assert main(["segment", str(img), "--model", "clipseg_test_tiny"]) == 2
     assert "--prompt-file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sine_checkpoint(tmp_path_factory):
+    import promptseg
+
+    path = tmp_path_factory.mktemp("sine") / "sine_tiny.safetensors"
+    save_state_dict_file(
+        promptseg.create_model("sine_test_tiny", pretrained=False).state_dict(), path
+    )
+    return path
+
+
+def test_sine_k_shot_levels_and_saved_prototypes(
+    sine_checkpoint, tiny_checkpoint, files, tmp_path, capsys
+):
+    """k-shot semantic, all levels, and prototypes encoded once then reused from a file."""
+    img, mask = files
+    model = ["--model", "sine_test_tiny", "--checkpoint", str(sine_checkpoint)]
+    shots = ["--shot", str(img), str(mask), "1", "--shot", str(img), str(mask), "1"]
+    assert main(["segment", str(img), *model, *shots, "-o", str(tmp_path / "sem")]) == 0
+    sem = json.loads((tmp_path / "sem" / "result.json").read_text())
+    assert sem["level"] == ["semantic"] and sem["class_ids"] == [1]
+    argv = ["segment", str(img), *model, *shots, "--level", "all", "-o", str(tmp_path / "all")]
+    assert main(argv) == 0
+    levels = json.loads((tmp_path / "all" / "result.json").read_text())["level"]
+    assert {"semantic", "identity"} <= set(levels)
+    protos = tmp_path / "protos.safetensors"
+    assert main(["encode-prompt", *model, *shots, "-o", str(protos)]) == 0 and protos.is_file()
+    for level in ("semantic", "instance"):
+        direct, reused = tmp_path / f"direct_{level}", tmp_path / f"reused_{level}"
+        assert main(["segment", str(img), *model, *shots, "--level", level, "-o", str(direct)]) == 0
+        argv = ["segment", str(img), *model, "--prompt-file", str(protos), "--level", level]
+        assert main([*argv, "-o", str(reused)]) == 0
+        a = json.loads((direct / "result.json").read_text())
+        b = json.loads((reused / "result.json").read_text())
+        assert a["scores"] == pytest.approx(b["scores"]) and a["class_ids"] == b["class_ids"]
+    capsys.readouterr()
+    clipseg = ["--model", "clipseg_test_tiny", "--checkpoint", str(tiny_checkpoint)]
+    assert main(["encode-prompt", *clipseg, "--text", "a", "-o", str(protos)]) == 2
+    assert "cannot save or load prompt embeddings" in capsys.readouterr().err

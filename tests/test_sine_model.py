@@ -44,12 +44,12 @@ def test_levels_and_shapes(sine, scene):
 
 def test_reference_features_are_pooled_from_one_pass_and_cached(sine, scene, monkeypatch):
     img, a, b = scene
-    sine._reference_cache.clear()
+    sine.clear_caches()
     calls = []
     original = sine.backbone.forward_features
     monkeypatch.setattr(sine.backbone, "forward_features", lambda x: calls.append(1) or original(x))
-    sine.encode_prompt([SupportSet([(img, a), (img, b)])])
-    sine.encode_prompt([SupportSet([(img, b)])])
+    sine.encode_prompt([SupportSet([(img, a), (img, b)])], level="semantic")
+    sine.encode_prompt([SupportSet([(img, b)])], level="semantic")
     assert len(calls) == 1
 
 
@@ -160,13 +160,20 @@ def test_segment_video_command(sine, tmp_path, capsys):
 
 def test_instance_level_decodes_without_id_tokens(sine, scene):
     img, a, b = scene
-    emb = sine.embed_image(img)
+    emb = sine.embed_image(img, level="all")
     prompt = sine.encode_prompt([SupportSet([(img, a), (img, b)])])
     with torch.no_grad():
         ((_, fsod),) = sine.decode(emb.features, prompt, "instance")
         ((_, fss),) = sine.decode(emb.features, prompt, "semantic")
-        f = emb.features
-        direct = sine.head(f["feats"], f["mfeat"], None, prompt[0].tokens.sem_tokens, aux=False)
-    assert fsod["pred_id_logits"].shape[0] == 0
-    torch.testing.assert_close(fsod["pred_logits"], direct["pred_logits"], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(fsod["pred_logits"], fss["pred_logits"])
+        f, tokens = emb.features["fsod"], prompt[0].tokens["fsod"]
+        direct = sine.head(f["feats"], f["mfeat"], None, tokens.sem_tokens, aux=False)
+        g = emb.features["fss"]
+        without_ids = sine.head(
+            g["feats"], g["mfeat"], tokens.id_tokens, prompt[0].tokens["fss"].sem_tokens, aux=False
+        )
+    assert fsod["fsod"]["pred_id_logits"].shape[0] == 0 and tokens.id_tokens.shape[0] == 0
+    torch.testing.assert_close(
+        fsod["fsod"]["pred_logits"], direct["pred_logits"], atol=1e-5, rtol=1e-5
+    )
+    assert fss["fss"]["pred_id_logits"].shape[0] == 2
+    assert not torch.allclose(without_ids["pred_logits"], fss["fss"]["pred_logits"])

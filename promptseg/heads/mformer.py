@@ -149,13 +149,29 @@ def mask_prob_mean(mask_logits: Tensor) -> Tensor:
     return (mask_logits.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + SCORE_EPS)
 
 
-def semantic_map(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
-    """Sum over queries of class prob x mask prob: logits [S, M+1], masks [S, H, W] -> [M, H, W].
+def semantic_map(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    resize: Callable[[Tensor], Tensor] | None = None,
+    chunk: int = 32,
+) -> Tensor:
+    """Sum over queries of class prob x mask prob: logits [S, M+1], masks [S, H, W] -> [M, H', W'].
 
-    Not normalised: a pixel covered by several confident queries can exceed 1 (FSS threshold 0.7).
+    `resize` maps mask logits [k, H, W] to the output frame [k, H', W'] BEFORE the sigmoid, as the
+    official FSS evaluation does (upsample to the canvas, then sigmoid and sum; sine.md §4.1); it is
+    applied `chunk` queries at a time so 200 canvas-size maps never coexist. Not normalised: a pixel
+    covered by several confident queries can exceed 1 (FSS threshold 0.7).
     """
     probs = pred_logits.softmax(dim=-1)[:, :-1]  # [S, M]
-    return torch.einsum("sm,shw->mhw", probs, pred_masks.sigmoid())
+    if resize is None:
+        return torch.einsum("sm,shw->mhw", probs, pred_masks.sigmoid())
+    total = None
+    for i in range(0, len(pred_masks), chunk):
+        part = torch.einsum(
+            "sm,shw->mhw", probs[i : i + chunk], resize(pred_masks[i : i + chunk]).sigmoid()
+        )
+        total = part if total is None else total + part
+    return total
 
 
 def instance_topk(

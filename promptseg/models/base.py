@@ -1,11 +1,13 @@
 """`PromptSegModel`: the four steps every family implements, and `segment()` that chains them.
 
 encode_image (cacheable per image) -> encode_prompt (cacheable per prompt) -> decode -> postprocess.
-The Predictor calls the same steps, keeping the first two between calls.
+The Predictor calls the same steps, keeping the first two between calls. Families whose prompt
+embeddings are tensors only (SINE) can also save them to disk and take them back in `segment`.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -85,13 +87,51 @@ class PromptSegModel(nn.Module):
         """uint8 [3, H, W] -> model input [1, 3, h, w] on the model's device and dtype."""
         return preprocess(image, self.card.data_config, self.dtype).to(self.device)
 
-    def embed_image(self, image: ImageInput) -> ImageEmbedding:
-        """Load an image and run the prompt-independent part of the model on it."""
+    def embed_image(self, image: ImageInput, level: str | None = None) -> ImageEmbedding:
+        """Load an image and run the prompt-independent part of the model on it.
+
+        `level` is for families whose preprocessing depends on the output level (SINE).
+        """
         img = load_image(image)
         start = time.perf_counter()
         with torch.inference_mode():
             features = self.encode_image(self.preprocess(img))
         return ImageEmbedding(features, img, content_hash(img), time.perf_counter() - start)
+
+    def embed_prompt(self, prompts: list[Prompt], level: str | None = None) -> Any:
+        """encode_prompt for one output level (families whose prompt encoding depends on it
+        override this; others encode the same way for every level)."""
+        return self.encode_prompt(prompts)
+
+    # -- prompt embeddings, reused without re-encoding ---------------------------------------------
+    def as_prompt_embedding(self, obj: Any) -> Any:
+        """`obj` as this family's prompt embedding (what encode_prompt returned), or None."""
+        return None
+
+    def save_prompt_embedding(self, embeddings: Any, path: str | os.PathLike[str]) -> None:
+        """Write what encode_prompt returned to a tensor-only file, to reuse it later."""
+        raise UnsupportedPromptError(self._no_prompt_files())
+
+    def load_prompt_embedding(self, path: str | os.PathLike[str]) -> Any:
+        """Read a file of save_prompt_embedding; pass the result to segment() or a Predictor."""
+        raise UnsupportedPromptError(self._no_prompt_files())
+
+    def _no_prompt_files(self) -> str:
+        """Error text: this family cannot save/load prompt embeddings; which families can."""
+        from ..registry import MODELS
+        from ..zoo import FAMILIES, import_family
+
+        for family in FAMILIES:
+            import_family(family)
+        able = sorted(
+            name
+            for name, cls in MODELS.items()
+            if cls.save_prompt_embedding is not PromptSegModel.save_prompt_embedding
+        )
+        return (
+            f"{self.card.name} ({self.card.family}) cannot save or load prompt embeddings; "
+            f"pass the prompt itself to segment(). Families that can: {', '.join(able) or 'none'}"
+        )
 
     def prepare_prompts(self, prompt: Any) -> list[Prompt]:
         """Normalise a user prompt and check this model can take every item of it."""
@@ -146,7 +186,7 @@ class PromptSegModel(nn.Module):
         with torch.inference_mode():
             start = time.perf_counter()
             if prompt_embeddings is None:
-                prompt_embeddings = self.encode_prompt(prompts)
+                prompt_embeddings = self.embed_prompt(prompts, kw.get("level"))
             timings["encode_prompt"] = time.perf_counter() - start
             start = time.perf_counter()
             raw = self.decode(embedding.features, prompt_embeddings, kw.get("level"))
@@ -167,12 +207,19 @@ class PromptSegModel(nn.Module):
         output_size: OutputSize = "original",
         return_logits: bool = False,
     ) -> SegmentationResult:
-        """Segment what `prompt` describes in `image`; masks come back at the original size."""
-        prompts = self.prepare_prompts(prompt)
+        """Segment what `prompt` describes in `image`; masks come back at the original size.
+
+        `prompt` may also be a prompt embedding (what encode_prompt or load_prompt_embedding
+        returned, for families that have them): it is used as is, without re-encoding.
+        """
+        level = self.check_level(level)
+        embeddings = self.as_prompt_embedding(prompt)
+        prompts = [] if embeddings is not None else self.prepare_prompts(prompt)
         return self.run(
-            self.embed_image(image),
+            self.embed_image(image, level),
             prompts,
-            level=self.check_level(level),
+            embeddings,
+            level=level,
             threshold=threshold,
             output_size=output_size,
             return_logits=return_logits,
