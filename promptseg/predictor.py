@@ -60,6 +60,11 @@ class Predictor:
         """Reuse an embedding from get_image_embedding() (same model) without re-encoding."""
         if not isinstance(embedding, ImageEmbedding):
             raise TypeError(f"expected an ImageEmbedding, got {type(embedding).__name__}")
+        if embedding.model and embedding.model != self.model.card.name:
+            raise ValueError(
+                f"this embedding was computed by {embedding.model}, not {self.model.card.name}; "
+                "image features of one model do not fit another: call set_image(image) instead"
+            )
         self._embedding = embedding
 
     def set_prompt(self, prompt: Any) -> None:

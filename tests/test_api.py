@@ -257,6 +257,16 @@ def test_predictor_caches_by_content(tiny_clipseg, rgb, monkeypatch):
     pred.set_image_embedding(saved)
     pred.set_prompt("a cup")
     assert pred.predict().labels == ["a cup"] and len(calls) == 1
+    sine = promptseg.Predictor(promptseg.create_model("sine_test_tiny", pretrained=False))
+    with pytest.raises(ValueError, match="computed by clipseg_test_tiny"):
+        sine.set_image_embedding(saved)
+
+
+def test_threshold_must_be_a_probability(tiny_clipseg, rgb):
+    for bad in ("x", 1.5, -0.1):
+        with pytest.raises(ValueError, match="threshold"):
+            tiny_clipseg.segment(rgb, "a cup", threshold=bad)
+    assert tiny_clipseg.segment(rgb, "a cup", threshold="0.5").meta["threshold"] == 0.5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

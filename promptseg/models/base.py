@@ -42,10 +42,22 @@ class ImageEmbedding:
     image: torch.Tensor  # uint8 [3, H, W], the original image
     key: str  # content hash of `image`, so a cache is never stale
     seconds: float = 0.0
+    model: str = ""  # name of the model that computed it: features of another model do not fit
 
     @property
     def image_size(self) -> tuple[int, int]:
         return int(self.image.shape[-2]), int(self.image.shape[-1])
+
+
+def check_threshold(threshold: Any) -> float:
+    """A probability threshold as a float in [0, 1], or a ValueError saying what was given."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1] (a probability), got {value}")
+    return value
 
 
 class PromptSegModel(nn.Module):
@@ -96,7 +108,8 @@ class PromptSegModel(nn.Module):
         start = time.perf_counter()
         with torch.inference_mode():
             features = self.encode_image(self.preprocess(img))
-        return ImageEmbedding(features, img, content_hash(img), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return ImageEmbedding(features, img, content_hash(img), seconds, self.card.name)
 
     def embed_prompt(self, prompts: list[Prompt], level: str | None = None) -> Any:
         """encode_prompt for one output level (families whose prompt encoding depends on it
@@ -182,6 +195,8 @@ class PromptSegModel(nn.Module):
         **kw: Any,
     ) -> SegmentationResult:
         """Decode prompts against a cached image embedding and postprocess to a result."""
+        if kw.get("threshold") is not None:
+            kw["threshold"] = check_threshold(kw["threshold"])
         timings = {"encode_image": embedding.seconds}
         with torch.inference_mode():
             start = time.perf_counter()

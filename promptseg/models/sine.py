@@ -318,7 +318,7 @@ class SINE(PromptSegModel):
                 p: self._target_features(img, key, p)
                 for p in protocols_for(self.check_level(level))
             }
-        return ImageEmbedding(features, img, key, time.perf_counter() - start)
+        return ImageEmbedding(features, img, key, time.perf_counter() - start, self.card.name)
 
     def _target_features(self, image: torch.Tensor, key: str, protocol: str) -> dict:
         """encode_image of one image under one protocol, from the target LRU when possible."""
