@@ -299,3 +299,17 @@ def test_readme_model_table_lists_every_zoo_name():
     table = [line for line in readme.splitlines() if line.startswith("| `")]
     for name in promptseg.list_models():
         assert any(f"`{name}`" in line or f"`{name}." in line for line in table), name
+
+
+def test_prompt_encoded_once_serves_many_images(tiny_clipseg, rgb, monkeypatch):
+    prompts = tiny_clipseg.prepare_prompts(["a cup", "a plate"])
+    with torch.inference_mode():
+        encoded = tiny_clipseg.embed_prompt(prompts)
+    calls = []
+    original = tiny_clipseg.encode_prompt
+    monkeypatch.setattr(tiny_clipseg, "encode_prompt", lambda p: calls.append(1) or original(p))
+    for image in (rgb, rgb[::-1].copy()):
+        a = tiny_clipseg.segment(image, prompts, prompt_embeddings=encoded, return_logits=True)
+        assert a.labels == ["a cup", "a plate"] and not calls
+        b = tiny_clipseg.segment(image, ["a cup", "a plate"], return_logits=True)
+        torch.testing.assert_close(a.logits, b.logits)

@@ -27,7 +27,6 @@ from .runner import (
     environment,
     model_record,
     run_dir,
-    segment_encoded,
     write_json,
     write_result,
 )
@@ -111,8 +110,8 @@ def _run_seed(
         detections.extend(progress.state["detections"])
     state = {"detections": detections}
     for image_id in progress.iterate(ids, len(ids), lambda: state, desc=desc):
-        result = segment_encoded(
-            model, data.test_image_path(image_id), prompts, embeddings, level="instance"
+        result = model.segment(
+            data.test_image_path(image_id), prompts, prompt_embeddings=embeddings, level="instance"
         )
         for rec in result.to_coco_rle():
             cid = rec["category_id"]

@@ -32,7 +32,6 @@ from .runner import (
     model_record,
     prefetch,
     run_dir,
-    segment_encoded,
     write_result,
 )
 
@@ -128,11 +127,10 @@ def eval_fss(
         desc=f"fss {dataset} f{fold_label} {shots}-shot",
         index=lambda i, item: item[0].index,
     ):
-        result = segment_encoded(
-            model,
+        result = model.segment(
             query.image,
             prompts,
-            embeddings,
+            prompt_embeddings=embeddings,
             output_size=size or "original",
             threshold=threshold,
         )

@@ -32,7 +32,6 @@ __all__ = [
     "model_record",
     "prefetch",
     "run_dir",
-    "segment_encoded",
     "weights_sha256",
     "write_json",
     "write_result",
@@ -247,28 +246,6 @@ def encode_prompts(
         out.append((group, embeddings[start : start + len(group)]))
         start += len(group)
     return out
-
-
-def segment_encoded(
-    model: Any,
-    image: Any,
-    prompts: list[Any],
-    embeddings: Any,
-    *,
-    level: str | None = None,
-    threshold: float | None = None,
-    output_size: Any = "original",
-) -> Any:
-    """`model.segment` with prompts already encoded (`encode_prompts`): encodes the image only."""
-    level = model.check_level(level)
-    return model.run(
-        model.embed_image(image, level),
-        prompts,
-        embeddings,
-        level=level,
-        threshold=threshold,
-        output_size=output_size,
-    )
 
 
 def now_iso() -> str:

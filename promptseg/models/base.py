@@ -221,19 +221,23 @@ class PromptSegModel(nn.Module):
         threshold: float | None = None,
         output_size: OutputSize = "original",
         return_logits: bool = False,
+        prompt_embeddings: Any = None,
     ) -> SegmentationResult:
         """Segment what `prompt` describes in `image`; masks come back at the original size.
 
         `prompt` may also be a prompt embedding (what encode_prompt or load_prompt_embedding
-        returned, for families that have them): it is used as is, without re-encoding.
+        returned, for families that have them): it is used as is, without re-encoding. Any
+        family takes `prompt_embeddings=` (what `embed_prompt(prompts)` returned) with the
+        prompts they encode, so a prompt encoded once serves many images.
         """
         level = self.check_level(level)
-        embeddings = self.as_prompt_embedding(prompt)
-        prompts = [] if embeddings is not None else self.prepare_prompts(prompt)
+        if prompt_embeddings is None and (stored := self.as_prompt_embedding(prompt)) is not None:
+            prompt, prompt_embeddings = None, stored
+        prompts = [] if prompt is None else self.prepare_prompts(prompt)
         return self.run(
             self.embed_image(image, level),
             prompts,
-            embeddings,
+            prompt_embeddings,
             level=level,
             threshold=threshold,
             output_size=output_size,
