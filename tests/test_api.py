@@ -312,4 +312,6 @@ def test_prompt_encoded_once_serves_many_images(tiny_clipseg, rgb, monkeypatch):
         a = tiny_clipseg.segment(image, prompts, prompt_embeddings=encoded, return_logits=True)
         assert a.labels == ["a cup", "a plate"] and not calls
         b = tiny_clipseg.segment(image, ["a cup", "a plate"], return_logits=True)
+        assert calls == [1]
+        calls.clear()
         torch.testing.assert_close(a.logits, b.logits)
