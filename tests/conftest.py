@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random CLIPSeg and small images; no test touches the network."""
+"""Shared fixtures: tiny random CLIPSeg and SINE, small images; no test touches the network."""
 
 from __future__ import annotations
 
@@ -32,3 +32,26 @@ def box_mask() -> np.ndarray:
     m = np.zeros((48, 80), dtype=bool)
     m[10:30, 20:50] = True
     return m
+
+
+@pytest.fixture(scope="module")
+def sine():
+    """A tiny random SINE, one per test module (its feature caches stay module-local)."""
+    import torch
+
+    import promptseg
+
+    torch.manual_seed(0)
+    return promptseg.create_model("sine_test_tiny", pretrained=False)
+
+
+@pytest.fixture
+def scene():
+    """A 60x90 image with two boxes `a` and `b` (SINE references and targets)."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    a = np.zeros((60, 90), bool)
+    a[10:40, 20:60] = True
+    b = np.zeros((60, 90), bool)
+    b[42:58, 5:30] = True
+    return img, a, b

@@ -11,23 +11,6 @@ from promptseg import SupportSet, UnsupportedPromptError, VisualPrompt
 from promptseg.weights import save_state_dict_file
 
 
-@pytest.fixture(scope="module")
-def sine():
-    torch.manual_seed(0)
-    return promptseg.create_model("sine_test_tiny", pretrained=False)
-
-
-@pytest.fixture
-def scene():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    a = np.zeros((60, 90), bool)
-    a[10:40, 20:60] = True
-    b = np.zeros((60, 90), bool)
-    b[42:58, 5:30] = True
-    return img, a, b
-
-
 def test_levels_and_shapes(sine, scene):
     img, a, b = scene
     refs = SupportSet([VisualPrompt(img, a, class_id=3), VisualPrompt(img, b, class_id=7)])

@@ -17,23 +17,6 @@ from promptseg.models.sine import LRUCache, SINEPrompt, crop_resize, merge_objec
 from promptseg.transforms import shortest_edge_size
 
 
-@pytest.fixture(scope="module")
-def sine():
-    torch.manual_seed(0)
-    return promptseg.create_model("sine_test_tiny", pretrained=False)
-
-
-@pytest.fixture
-def scene():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
-    a = np.zeros((60, 90), bool)
-    a[10:40, 20:60] = True
-    b = np.zeros((60, 90), bool)
-    b[42:58, 5:30] = True
-    return img, a, b
-
-
 def _images(n: int, seed: int, shape=(60, 90, 3)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(n)]

@@ -54,24 +54,11 @@ def test_colorkey_is_perfect_and_empty_scores_zero(mini, tmp_path, dataset):
     assert perfect["env"]["dtype"] == "fp32" and perfect["model"]["weights_sha256"] is None
 
 
-def test_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch):
+def test_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch, interrupted_after):
     full = run(mini, tmp_path / "full", "test_shifted", "pascal5i", "--episodes", "60")
-    from promptseg.bench import runner
 
-    calls = {"n": 0}
-    original = runner.Progress.iterate
-
-    def crash_after_30(self, *a, **k):
-        for item in original(self, *a, **k):
-            calls["n"] += 1
-            if calls["n"] > 30:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_after_30)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(30):
         run(mini, tmp_path / "resumed", "test_shifted", "pascal5i", "--episodes", "60")
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     progress = next((tmp_path / "resumed").rglob("progress.json"))
     assert len(json.loads(progress.read_text())["done"]) == 25  # saved every 25 episodes
     resumed = run(

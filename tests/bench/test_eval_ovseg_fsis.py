@@ -101,23 +101,13 @@ def test_empty_edge_values_on_coco(mini, tmp_path):
     assert m["mIoU"] == 0.0
 
 
-def test_ovseg_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch):
+def test_ovseg_resume_gives_the_uninterrupted_numbers(
+    mini, tmp_path, monkeypatch, interrupted_after
+):
     full, _ = ovseg(mini, tmp_path / "full", "test_shifted", "coco-panoptic")
-    from promptseg.bench import runner
 
-    original = runner.Progress.iterate
-
-    def crash_after_1(self, *a, **k):
-        self.every = 1
-        for n, item in enumerate(original(self, *a, **k)):
-            if n == 1:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_after_1)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1, every=1):
         ovseg(mini, tmp_path / "resumed", "test_shifted", "coco-panoptic")
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     resumed, run = ovseg(mini, tmp_path / "resumed", "test_shifted", "coco-panoptic", "--resume")
     for k, v in full["metrics"].items():
         assert (math.isnan(v) and math.isnan(resumed["metrics"][k])) or resumed["metrics"][k] == v
@@ -188,26 +178,12 @@ def test_fsis_encodes_the_support_set_once_per_seed(mini, tmp_path, monkeypatch)
     assert res["env"]["dtype"] == "fp32"
 
 
-def test_fsis_resume_skips_finished_seeds(mini, tmp_path, monkeypatch):
+def test_fsis_resume_skips_finished_seeds(mini, tmp_path, monkeypatch, interrupted_after):
     full = fsis(mini, tmp_path / "full", "test_shifted", "coco-novel", 1)
     n_images = full["n_images"]
-    from promptseg.bench import runner
 
-    original = runner.Progress.iterate
-    seen = {"n": 0}
-
-    def crash_in_seed_1(self, *a, **k):
-        self.every = 1
-        for item in original(self, *a, **k):
-            if seen["n"] == n_images + 3:  # seed 0 done, 3 images of seed 1 done
-                raise KeyboardInterrupt
-            seen["n"] += 1
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_in_seed_1)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(n_images + 3, every=1):  # seed 0 done, 3 images of seed 1 done
         fsis(mini, tmp_path / "res", "test_shifted", "coco-novel", 1)
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     run = tmp_path / "res" / "fsis" / "coco-novel" / "-" / "1" / "test_shifted"
     assert (run / "seed0" / "segm_results.json").is_file()
     assert len(json.loads((run / "seed1" / "progress.json").read_text())["done"]) == 3

@@ -68,24 +68,14 @@ def test_shifted_matches_hand_shifted_ground_truth(mini, tmp_path):
     assert 0.0 < r["metrics"]["mIoU"] < 100.0
 
 
-def test_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch):
+def test_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch, interrupted_after):
     from promptseg.bench import perseg, runner
     from promptseg.models.testing import ColorKey
 
     full = run(mini, tmp_path / "full", "test_shifted")
     monkeypatch.setattr(perseg, "Progress", functools.partial(runner.Progress, every=4))
-    original = runner.Progress.iterate
-
-    def crash_after_five(self, *a, **k):
-        for n, item in enumerate(original(self, *a, **k)):
-            if n == 5:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_after_five)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(5):
         run(mini, tmp_path / "res", "test_shifted")
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     calls = []
     segment = ColorKey.segment
 

@@ -81,23 +81,12 @@ def test_vos_shifted_matches_direct_scoring(mini, tmp_path):
     )
 
 
-def test_vos_resume_skips_written_sequences(mini, tmp_path, monkeypatch):
+def test_vos_resume_skips_written_sequences(mini, tmp_path, monkeypatch, interrupted_after):
     full = run(mini, tmp_path / "full", "vos", "davis17-val", "test_colorkey")
-    from promptseg.bench import runner
     from promptseg.models.testing import ColorKey
 
-    original = runner.Progress.iterate
-
-    def crash_after_first(self, *a, **k):
-        for n, item in enumerate(original(self, *a, **k)):
-            if n == 1:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1):
         run(mini, tmp_path / "res", "vos", "davis17-val", "test_colorkey")
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     calls = []
     video = ColorKey.segment_video
 
@@ -184,25 +173,15 @@ def test_refer_thresholds_must_be_on_the_grid(mini, tmp_path):
         parse_thresholds("high")
 
 
-def test_refer_resume_gives_the_uninterrupted_numbers(mini, tmp_path, monkeypatch):
+def test_refer_resume_gives_the_uninterrupted_numbers(
+    mini, tmp_path, monkeypatch, interrupted_after
+):
     full = run(mini, tmp_path / "full", "refer", "phrasecut-test", "test_shifted")
-    from promptseg.bench import runner
     from promptseg.models.base import PromptSegModel
     from promptseg.models.testing import ColorKey
 
-    original = runner.Progress.iterate
-
-    def crash_after_first(self, *a, **k):
-        self.every = 1
-        for n, item in enumerate(original(self, *a, **k)):
-            if n == 1:
-                raise KeyboardInterrupt
-            yield item
-
-    monkeypatch.setattr(runner.Progress, "iterate", crash_after_first)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_after(1, every=1):
         run(mini, tmp_path / "res", "refer", "phrasecut-test", "test_shifted")
-    monkeypatch.setattr(runner.Progress, "iterate", original)
     progress = next((tmp_path / "res").rglob("progress.json"))
     assert json.loads(progress.read_text())["done"] == [0]
     images = []
