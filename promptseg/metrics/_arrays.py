@@ -1,4 +1,4 @@
-"""Array coercion shared by the metric modules (numpy only; tensors by duck typing)."""
+"""Array coercion (numpy only; tensors by duck typing) and message helpers shared by the metrics."""
 
 from __future__ import annotations
 
@@ -28,3 +28,9 @@ def as_binary(x: Any, name: str) -> np.ndarray:
     if np.any((a != 0) & (a != 1)):
         raise ValueError(f"{name} must be boolean or contain only 0 and 1")
     return a != 0
+
+
+def first_few(names: list[str], limit: int = 20) -> str:
+    """The first `limit` names, comma-separated, and how many more there are (error messages)."""
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

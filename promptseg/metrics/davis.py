@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from promptseg.errors import PromptsegError
+from promptseg.metrics._arrays import first_few
 
 __all__ = [
     "DavisFormatError",
@@ -262,9 +263,7 @@ def evaluate_davis(
             if not (res_dir / seq / f"{f.stem}.png").is_file()
         ]
     if missing:
-        shown = ", ".join(missing[:20]) + (
-            f", ... ({len(missing) - 20} more)" if len(missing) > 20 else ""
-        )
+        shown = first_few(missing)
         raise MissingResultsError(
             f"{len(missing)} result PNG(s) missing under {res_dir}: {shown}; results must be "
             "indexed PNGs named like the GT frames"

@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from promptseg.errors import PromptsegError
 
-from ._arrays import as_binary
+from ._arrays import as_binary, first_few
 
 __all__ = [
     "EPS",
@@ -185,9 +185,7 @@ def evaluate_perseg(
             else:
                 missing.append(f"{obj}/{gt.name}")
     if missing:
-        shown = ", ".join(missing[:20]) + (
-            f", ... ({len(missing) - 20} more)" if len(missing) > 20 else ""
-        )
+        shown = first_few(missing)
         raise MissingPredictionsError(
             f"{len(missing)} prediction PNG(s) missing under {pred_root}: {shown}; write one "
             "<object>/<stem>.png per GT query image, named like its annotation"
