@@ -8,6 +8,7 @@ from ..convert.clipseg import hf_to_native
 from ..zoo import build_model, model_info
 
 TINY = dict(vision=(64, 4, 4), text=(32, 2, 4), proj=32, taps=[1, 2, 3], reduce=16, ffn=64)
+LOGIT_STD = 5.0
 FULL = dict(vision=(768, 12, 12), text=(512, 12, 8), proj=512, taps=[3, 6, 9], reduce=64, ffn=2048)
 
 
@@ -46,8 +47,15 @@ def hf_model(spec: dict, refined: bool, reduce_dim: int | None = None):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(0.05 * torch.randn_like(p))
-        for p in model.decoder.transposed_convolution.parameters():
-            p.mul_(40.0)
+        # scale the last layer so logits spread like a trained model's (std ~5): parity is then
+        # checked at the magnitudes real masks are thresholded at, with an absolute tolerance
+        last = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)][-1]
+        probe = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        ids = torch.tensor([[49406, 320, 1615, 49407]])
+        logits = model(input_ids=ids, pixel_values=probe).logits
+        scale = LOGIT_STD / float(logits.std())
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
     return model
 
 
