@@ -430,7 +430,9 @@ class FewShotDataset:
         problems += [f"directory {images} not found"] * (not images.is_dir())
         if problems:
             raise DatasetLayoutError(_layout_error("lvis92i", problems, expected))
-        self._lvis, sha = load_lvis_split(self.data_root, trust_pickle=self.trust_pickle)
+        self._lvis, sha = load_lvis_split(
+            self.data_root, trust_pickle=self.trust_pickle, cache_dir=self._cache_dir
+        )
         self.split_path = pkl
         self.lvis_sha256 = sha
         self._lvis_classes = lvis_fold_classes(self._lvis, self.fold, self.shots)

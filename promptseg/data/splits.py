@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import io
+import json
 import os
 import pickle
 import warnings
@@ -354,12 +355,32 @@ def load_coco_split(
     return out
 
 
+TRUSTED_PICKLES = "trusted-pickles.json"
+
+
+def _trusted(cache_dir: str | os.PathLike[str] | None) -> tuple[Path, dict[str, str]]:
+    """The trust record (file, {absolute pickle path: sha256 the user opted in for})."""
+    from promptseg.weights import cache_root
+
+    record = cache_root(cache_dir) / TRUSTED_PICKLES
+    try:
+        return record, json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return record, {}
+
+
 def load_lvis_split(
-    data_root: str | os.PathLike[str], *, split: str = "val", trust_pickle: bool = False
+    data_root: str | os.PathLike[str],
+    *,
+    split: str = "val",
+    trust_pickle: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[dict[Any, dict[str, Any]], str]:
     """LVIS-92i pickle ``<data_root>/LVIS/lvis_<split>.pkl`` and its sha256 (no public hash exists).
 
-    It has no published sha256, so it is unpickled only with ``trust_pickle=True``; record the hash.
+    Unpickling runs code and the file has no published sha256: the user opts in once
+    (``trust_pickle=True``), its hash is recorded in the cache, later runs load it without the
+    flag, and a file whose hash changed since is refused until trusted again (with a warning).
     """
     path = Path(data_root) / "LVIS" / f"lvis_{split}.pkl"
     if not path.is_file():
@@ -369,10 +390,24 @@ def load_lvis_split(
         )
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
-    if not trust_pickle:
+    record, trusted = _trusted(cache_dir)
+    known = trusted.get(str(path.resolve()))
+    if trust_pickle:
+        if known not in (None, actual):
+            warnings.warn(
+                f"{path} changed since you trusted it (sha256 {known} -> {actual}); "
+                "trusting the new file",
+                SplitChecksumWarning,
+                stacklevel=2,
+            )
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**trusted, str(path.resolve()): actual}, indent=1))
+    elif known != actual:
+        changed = f" It CHANGED since you trusted it (was sha256 {known})." if known else ""
         raise ChecksumError(
-            f"{path} (sha256 {actual}) has no published checksum, and unpickling runs code. Pass "
-            "trust_pickle=True (CLI: --trust-pickle) if you trust it; its sha256 is recorded."
+            f"{path} (sha256 {actual}) has no published checksum, and unpickling runs code."
+            f"{changed} Pass trust_pickle=True (CLI: --trust-pickle) once if you trust it; its "
+            f"sha256 is then recorded in {record} and later runs need no flag."
         )
     raw = pickle.loads(data)  # noqa: S301 - explicit user opt-in (spec §1.12)
     if not isinstance(raw, dict):

@@ -263,6 +263,20 @@ def test_lvis_needs_data_root_and_opt_in(lvis_root: Path) -> None:
         episodes("lvis92i", 0, 1, data_root=lvis_root / "nope", trust_pickle=True)
 
 
+def test_lvis_pickle_is_trusted_once_and_refused_when_changed(lvis_root: Path) -> None:
+    from promptseg.data.splits import SplitChecksumWarning
+
+    first = episodes("lvis92i", 0, 1, data_root=lvis_root, trust_pickle=True, n=5)
+    assert episodes("lvis92i", 0, 1, data_root=lvis_root, n=5) == first  # no flag needed now
+    pkl = lvis_root / "LVIS" / "lvis_val.pkl"
+    pkl.write_bytes(pickle.dumps({**_lvis_val(), 99999: {}}))
+    with pytest.raises(ChecksumError, match="CHANGED since you trusted it"):
+        episodes("lvis92i", 0, 1, data_root=lvis_root, n=5)
+    with pytest.warns(SplitChecksumWarning, match="changed since you trusted it"):
+        episodes("lvis92i", 0, 1, data_root=lvis_root, trust_pickle=True, n=5)
+    episodes("lvis92i", 0, 1, data_root=lvis_root, n=5)  # the new file is trusted now
+
+
 @pytest.mark.parametrize(("fold", "shots"), [(0, 1), (3, 1), (0, 5), (9, 5)])
 def test_lvis_matches_literal_spec(lvis_root: Path, fold: int, shots: int) -> None:
     eps = episodes("lvis92i", fold, shots, data_root=lvis_root, trust_pickle=True, n=60)
