@@ -122,7 +122,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--save-preds", action="store_true", help="write one PNG per episode")
     p.add_argument(
-        "--trust-pickle", action="store_true", help="unpickle split files of unknown sha256 (once: the hash is recorded)"
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle split files of unknown sha256 (once: the hash is recorded)",
     )
     _common(p)
     p.set_defaults(func=cmd_eval_fss)
@@ -312,7 +314,9 @@ def _add_vos_refer_bench(
     p.add_argument("--splits-dir", help="a folder laid out like hsnet's data/splits/")
     p.add_argument("--data-root", help="dataset root (FSS-1000 / LVIS-92i)")
     p.add_argument(
-        "--trust-pickle", action="store_true", help="unpickle split files of unknown sha256 (once: the hash is recorded)"
+        "--trust-pickle",
+        action="store_true",
+        help="unpickle split files of unknown sha256 (once: the hash is recorded)",
     )
     p.add_argument("--out", help="write the episodes TSV here (e.g. episodes.tsv)")
     p.set_defaults(func=cmd_bench_episodes)
