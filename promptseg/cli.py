@@ -170,27 +170,59 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
 
 
 def cmd_segment_video(args: argparse.Namespace) -> int:
+    import inspect
     from pathlib import Path
 
     from .imageio import save_label_png
     from .zoo import create_model
 
-    folder, first = Path(args.frames), Path(args.first_mask).resolve()
+    if args.first_mask is None and args.masks_dir is None:
+        raise ValueError("give the first frame's labels with --first-mask PNG or --masks-dir DIR")
+    folder = Path(args.frames)
+    annotations: dict[str, Path] = {}  # frame stem -> label PNG
+    if args.masks_dir is not None:
+        masks_dir = Path(args.masks_dir)
+        if not masks_dir.is_dir():
+            raise FileNotFoundError(f"--masks-dir {masks_dir} is not a folder of label PNGs")
+        annotations = {p.stem: p for p in sorted(masks_dir.iterdir()) if p.suffix.lower() == ".png"}
+    skip = {p.resolve() for p in annotations.values()}
+    if args.first_mask is not None:
+        skip.add(Path(args.first_mask).resolve())
     suffixes = {".jpg", ".jpeg", ".png", ".bmp"}
     frames = sorted(
         p
         for p in (folder.iterdir() if folder.is_dir() else ())
-        if p.suffix.lower() in suffixes and p.resolve() != first
+        if p.suffix.lower() in suffixes and p.resolve() not in skip
     )
     if not frames:
         raise FileNotFoundError(f"no frames (.jpg/.png) in {folder}; give a folder of video frames")
+    stems = {p.stem for p in frames}
+    unmatched = sorted(name for name in annotations if name not in stems)
+    if unmatched:
+        raise ValueError(
+            f"--masks-dir {args.masks_dir}: {unmatched[0]}.png matches no frame in {folder}; "
+            "name each label PNG after its frame (YouTube-VOS Annotations/<video>/ layout)"
+        )
+    first_mask = args.first_mask or annotations.get(frames[0].stem)
+    if first_mask is None:
+        raise ValueError(
+            f"no mask for the first frame {frames[0].name}: give --first-mask or put "
+            f"{frames[0].stem}.png in --masks-dir {args.masks_dir}"
+        )
+    later = {t: annotations[p.stem] for t, p in enumerate(frames) if t and p.stem in annotations}
     model = create_model(
         args.model, checkpoint_path=args.checkpoint, cache_dir=args.cache_dir, device=args.device
     )
+    options = {"memory": args.memory} if args.memory else {}
+    if later:
+        if "masks" not in inspect.signature(model.segment_video).parameters:
+            raise ValueError(
+                f"{args.model} cannot add objects at later frames; --masks-dir may only hold "
+                f"the first frame's mask ({frames[0].stem}.png) for this model"
+            )
+        options["masks"] = later
     out = Path(args.output)
-    labels = model.segment_video(
-        frames, args.first_mask, **({"memory": args.memory} if args.memory else {})
-    )
+    labels = model.segment_video(frames, first_mask, **options)
     for frame, label_map in zip(frames, labels, strict=True):
         save_label_png(out / f"{frame.stem}.png", label_map)
     print(f"wrote {len(frames)} palette PNGs to {out}")
@@ -300,10 +332,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "segment-video",
         cmd_segment_video,
-        "Video object segmentation: follow the objects of a first-frame mask through a video.",
+        "Video object segmentation: follow the objects of a first-frame mask (and of later "
+        "annotated frames, --masks-dir) through a video.",
     )
     p.add_argument("frames", help="folder of frames, processed in sorted file-name order")
-    p.add_argument("--first-mask", required=True, help="label PNG of frame 0 (object k = value k)")
+    p.add_argument(
+        "--first-mask",
+        help="label PNG of frame 0 (object k = value k); optional with --masks-dir, and used "
+        "instead of that folder's mask of frame 0",
+    )
+    p.add_argument(
+        "--masks-dir",
+        help="folder of label PNGs named after their frames (YouTube-VOS Annotations/<video>/): "
+        "objects whose label first appears in a later frame's PNG are followed from that frame",
+    )
     p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="a video-capable model")
     p.add_argument("--memory", type=int, help="memory frames per object (DAVIS-17 6, DAVIS-16 2)")
     model_args(p)

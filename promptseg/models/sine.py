@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,35 +533,51 @@ class SINE(PromptSegModel):
         first_mask: MaskInput,
         *,
         memory: int | None = None,
+        masks: Mapping[int, MaskInput] | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Label maps int64 [H, W] per frame; objects are the labels of `first_mask` (frame 0).
+        """Label maps int64 [H, W] per frame; objects are the labels of `first_mask` and `masks`.
 
         Official memory: first-frame GT fixed, `memory - 1` best predicted frames by decayed score;
         each frame's features are computed once and reused when it becomes a memory frame.
         Overlapping objects go to the largest id (`merge_objects`). fp16 autocast on CUDA only.
+
+        `masks` maps later frame indices (positions in `frames`, 1..len - 1) to label maps, as
+        YouTube-VOS `use_all_mask` (sine.md §4.3): an object whose label first appears there joins
+        at that frame, its memory's fixed entry being that frame's GT, and is decoded with the
+        others from then on (its prediction there enters its memory, as at frame 0). Labels of
+        objects already known are ignored: their memories are kept, not reset. The spec does not
+        say what the official output is at such a frame; here it is the given GT for the objects
+        joining there and the prediction for the others, merged by the same largest-id rule.
+        Frame 0 is written with the prediction, as officially. To process only the annotated
+        frames (YouTube-VOS: every 5th, unless `--all_frame`), pass only those frames.
         """
         capacity = int(memory or self.video["memory"])
+        annotations = {0: first_mask, **_later_masks(masks, frames)}
         banks: dict[int, MemoryBank] = {}
         for t, frame in enumerate(frames):
             image = load_image(frame)
             size = tuple(image.shape[-2:])
             small, big = self._video_geometry(*size)
+            joined: dict[int, torch.Tensor] = {}  # objects joining at this frame -> GT [H, W]
             with self._vos_autocast():
                 feats = self.encode_image(self._video_pixels(image))
-                if t == 0:
-                    labels = load_label_map(first_mask, size=size)
+                if t in annotations:
+                    labels = load_label_map(annotations[t], size=size)
                     objects = [int(k) for k in torch.unique(labels) if 0 < int(k) < 255]
-                    if not objects:
+                    if t == 0 and not objects:
                         raise ValueError("the first-frame mask has no object (labels 1..254)")
                     for k in objects:
+                        if k in banks:
+                            continue
+                        joined[k] = labels == k
                         gt = MemoryEntry(
-                            feats["feats"][0], self._video_mask(labels == k, small, big), 1.0, 0
+                            feats["feats"][0], self._video_mask(joined[k], small, big), 1.0, t
                         )
                         banks[k] = MemoryBank(capacity, gt)
                 refs = [(k, e.feats, e.mask) for k in sorted(banks) for e in banks[k].frames()]
                 ids, logits, scores = self.vos_decode(feats, refs, small, big)
-                masks = logits > 0  # [K, *small]
-                for k, mask, score in zip(ids.tolist(), masks, scores.tolist(), strict=True):
+                pred = logits > 0  # [K, *small]
+                for k, mask, score in zip(ids.tolist(), pred, scores.tolist(), strict=True):
                     entry = MemoryEntry(
                         feats["feats"][0],
                         self._video_mask(mask, small, big),
@@ -569,7 +585,13 @@ class SINE(PromptSegModel):
                         t,
                     )
                     banks[k].push(entry, t)
-            yield resize_mask(merge_objects(masks, ids).cpu(), size)
+            shown = {} if t == 0 else joined  # objects written with their GT at this frame
+            keep = torch.tensor([k not in shown for k in ids.tolist()], dtype=torch.bool)
+            keep = keep.to(ids.device)
+            label_map = resize_mask(merge_objects(pred[keep], ids[keep]).cpu(), size)
+            for k, gt in shown.items():
+                label_map = torch.maximum(label_map, gt.long() * k)
+            yield label_map
 
     def vos_decode(
         self,
@@ -711,6 +733,23 @@ class SINE(PromptSegModel):
             [level] * n,
             classes.long(),
         )
+
+
+def _later_masks(
+    masks: Mapping[int, MaskInput] | None, frames: Sequence[ImageInput]
+) -> dict[int, MaskInput]:
+    """`segment_video`'s `masks`, checked: keys must be frame indices 1..len(frames) - 1."""
+    if not masks:
+        return {}
+    later, n_frames = dict(masks), len(frames)
+    for t in later:
+        if not 0 < t < n_frames:
+            raise ValueError(
+                f"masks has a label map for frame index {t}, but later masks must be keyed by "
+                f"positions 1..{n_frames - 1} in the {n_frames} frames given (frame 0's objects "
+                "come from first_mask)"
+            )
+    return later
 
 
 def _tokens(prompt: SINEPrompt, protocol: str) -> PooledTokens:
