@@ -138,6 +138,12 @@ def test_prompt_embedding_save_load_reuse(sine, scene, tmp_path, monkeypatch):
         SINEPrompt.load(single)
     with pytest.raises(TypeError, match="load_prompt_embedding"):
         pred.set_prompt_embedding("refs.safetensors")
+    from dataclasses import replace
+
+    renamed = promptseg.create_model("sine_test_tiny", pretrained=False)
+    renamed.card = replace(renamed.card, name="sine_test_tiny.other")
+    with pytest.warns(UserWarning, match="encoded by sine_test_tiny, not sine_test_tiny.other"):
+        renamed.load_prompt_embedding(path)
 
 
 def test_prompt_embedding_errors(sine, scene, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -417,7 +418,13 @@ class SINE(PromptSegModel):
 
     def load_prompt_embedding(self, path: str | os.PathLike[str]) -> list[SINEPrompt]:
         """Read SINEPrompts saved by save_prompt_embedding / SINEPrompt.save, on this device."""
-        prompts, _ = load_prompts(path)
+        prompts, meta = load_prompts(path)
+        if meta.get("model", self.card.name) != self.card.name:
+            warnings.warn(
+                f"{path} was encoded by {meta['model']}, not {self.card.name}: its tokens only "
+                "fit the weights that made them; encode the references again with this model",
+                stacklevel=2,
+            )
         return [self._to_model(p) for p in prompts]
 
     def _encode_references(
