@@ -273,3 +273,12 @@ def test_vos_overlap_goes_to_the_largest_object_id(sine, monkeypatch):
     for label_map in sine.segment_video(frames, first):
         assert label_map[:, :20].eq(1).all() and label_map[:, 28:].eq(3).all()
         assert label_map[:, 24:48].eq(3).all()  # both objects there: the larger id wins
+
+
+def test_moving_the_model_drops_cached_features(scene):
+    img, a, _ = scene
+    model = promptseg.create_model("sine_test_tiny", pretrained=False)
+    before = model.segment(img, (img, a))
+    model.double()  # cached float32 features would no longer fit the float64 weights
+    after = model.segment(img, (img, a))
+    torch.testing.assert_close(after.scores, before.scores, atol=1e-4, rtol=0)

@@ -160,16 +160,16 @@ def semantic_map(
     `resize` maps mask logits [k, H, W] to the output frame [k, H', W'] BEFORE the sigmoid, as the
     official FSS evaluation does (upsample to the canvas, then sigmoid and sum; sine.md §4.1); it is
     applied `chunk` queries at a time so 200 canvas-size maps never coexist. Not normalised: a pixel
-    covered by several confident queries can exceed 1 (FSS threshold 0.7).
+    covered by several confident queries can exceed 1 (FSS threshold 0.7). Computed in float32,
+    so half-precision and float64 models give the same map type.
     """
-    probs = pred_logits.softmax(dim=-1)[:, :-1]  # [S, M]
+    probs = pred_logits.float().softmax(dim=-1)[:, :-1]  # [S, M], float32 whatever the model's
     if resize is None:
-        return torch.einsum("sm,shw->mhw", probs, pred_masks.sigmoid())
+        return torch.einsum("sm,shw->mhw", probs, pred_masks.float().sigmoid())
     total = None
     for i in range(0, len(pred_masks), chunk):
-        part = torch.einsum(
-            "sm,shw->mhw", probs[i : i + chunk], resize(pred_masks[i : i + chunk]).sigmoid()
-        )
+        masks = resize(pred_masks[i : i + chunk]).float()
+        part = torch.einsum("sm,shw->mhw", probs[i : i + chunk], masks.sigmoid())
         total = part if total is None else total + part
     return total
 

@@ -281,6 +281,12 @@ class SINE(PromptSegModel):
         self.clear_caches()
         return super().load_state_dict(*args, **kwargs)
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> SINE:
+        """Every .to() / .cuda() / .half() passes here: cached features keep the old device and
+        dtype, so they are dropped."""
+        self.clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
     # -- images --------------------------------------------------------------------------------
     def preprocess(self, image: torch.Tensor, protocol: str = "fss") -> torch.Tensor:
         """uint8 [3, H, W] -> a protocol's normalised, zero-padded canvas [1, 3, canvas, canvas]."""
