@@ -46,6 +46,7 @@ from tqdm import tqdm
 from .data.fewshot import segmentation_to_mask
 from .errors import DatasetLayoutError
 from .heads.matcher import SINECriterion
+from .transforms import preprocess
 
 __all__ = [
     "TrainConfig",
@@ -244,11 +245,9 @@ class PairSampler:
 def canvas_pixels(model: Any, image: np.ndarray) -> torch.Tensor:
     """RGB uint8 [h, w, 3] (h, w <= canvas) -> normalised [1, 3, canvas, canvas], zero-padded."""
     h, w = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
-    mean = torch.tensor(model.card.data_config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(model.card.data_config["std"]).view(1, 3, 1, 1)
-    x = F.pad((x - mean) / std, (0, model.canvas - w, 0, model.canvas - h))
-    return x.to(model.device, model.dtype)
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    x = preprocess(pixels, {**model.card.data_config, "input_size": (h, w)}, model.dtype)
+    return F.pad(x, (0, model.canvas - w, 0, model.canvas - h)).to(model.device)
 
 
 def canvas_masks(model: Any, masks: np.ndarray) -> torch.Tensor:
