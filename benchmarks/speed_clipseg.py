@@ -47,7 +47,7 @@ def main() -> None:
     rows = []
     for n in (1, 8):
         prompts = PROMPTS[:n]
-        ids = ours.backbone.tokenize(prompts)
+        ids = ours.text_encoder.tokenize(prompts)
 
         def theirs(ids=ids, n=n):
             with torch.inference_mode():

@@ -24,7 +24,9 @@ import torch
 import promptseg
 from promptseg.imageio import content_hash, load_image, load_label_map, load_mask
 from promptseg.models.base import ImageEmbedding
-from promptseg.models.sine import SINE, MemoryBank, MemoryEntry, SINEPrompt, merge_objects
+from promptseg.models.sine import SINE
+from promptseg.models.sine_prompts import SINEPrompt
+from promptseg.models.sine_video import MemoryBank, MemoryEntry, merge_objects
 from promptseg.transforms import resize_mask
 
 
@@ -168,7 +170,7 @@ def main() -> None:
     label = f"few-shot {args.shots}-shot, 1st target"
     rows.append((label, t_cold, t_off1, p_cold, p_off1, agreement([cold.masks], [off1.masks])))
 
-    model._targets.clear()  # as a new target would be: only the references are cached
+    model._image_cache.clear()  # as a new target would be: only the references are cached
     t_warm, warm = timed(lambda: model.segment(targets[0], support))
     p_warm = passes.take()
     label = "few-shot, next target (refs cached)"

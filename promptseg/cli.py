@@ -15,6 +15,8 @@ DEFAULT_MODEL = "clipseg_vitb16_rd64.refined"
 def cmd_list(args: argparse.Namespace) -> int:
     from .zoo import list_models, model_info
 
+    if args.backbones or args.heads:
+        return _list_components(backbones=args.backbones, heads=args.heads)
     rows = [
         (name, ",".join(sorted(model_info(name).capabilities)), model_info(name).description)
         for name in list_models(args.filter, pretrained=args.pretrained, capability=args.capability)
@@ -25,11 +27,42 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from .weights import native_checkpoint_path
+def _list_components(*, backbones: bool, heads: bool) -> int:
+    """Registered backbones (the feature kinds they provide) and heads (the kind they need)."""
+    from .contracts import FEATURE_KINDS
+    from .registry import registered
+
+    rows = []
+    if backbones:
+        for name, cls in registered("backbone").items():
+            rows.append((f"backbone {name}", f"provides {', '.join(cls.provides)}", cls))
+    if heads:
+        for name, cls in registered("head").items():
+            rows.append((f"head {name}", f"needs {cls.needs}", cls))
+    width = max(len(r[0]) for r in rows)
+    kind_width = max(len(r[1]) for r in rows)
+    for label, contract, cls in rows:
+        summary = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{label:{width}s}  {contract:{kind_width}s}  {summary}")
+    print("\nfeature kinds:")
+    for kind, text in FEATURE_KINDS.items():
+        print(f"  {kind}: {text}")
+    return 0
+
+
+def _card_of(args: argparse.Namespace):
+    """The model card of --model / NAME with the --config overrides merged in."""
+    from .overrides import parse_key_values
     from .zoo import model_info
 
-    card = model_info(args.name)
+    name = getattr(args, "model", None) or args.name
+    return model_info(name, config=parse_key_values(getattr(args, "config", None)))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .weights import native_checkpoint_path
+
+    card = _card_of(args)
     native = native_checkpoint_path(card, args.cache_dir)
     print(f"name:          {card.name}")
     print(f"description:   {card.description}")
@@ -80,9 +113,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         native_checkpoint_path,
         save_state_dict_file,
     )
-    from .zoo import build_model, model_info
+    from .zoo import build_model
 
-    card = model_info(args.name)
+    card = _card_of(args)
     with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
         state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
     load_native_state_dict(build_model(card), state, str(args.file))  # verify before caching
@@ -127,6 +160,7 @@ def _shot_prompts(shot: list[str]) -> list:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from .overrides import parse_key_values
     from .zoo import create_model
 
     prompts = _prompts_from_args(args)
@@ -141,6 +175,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         checkpoint_path=args.checkpoint,
         cache_dir=args.cache_dir,
         device=args.device,
+        config=parse_key_values(args.config),
     )
     if args.prompt_file:
         prompts = model.load_prompt_embedding(args.prompt_file)
@@ -156,13 +191,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_encode_prompt(args: argparse.Namespace) -> int:
+    from .overrides import parse_key_values
     from .zoo import create_model
 
     prompts = _prompts_from_args(args)
     if not prompts:
         raise ValueError("encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable) or --ref")
     model = create_model(
-        args.model, checkpoint_path=args.checkpoint, cache_dir=args.cache_dir, device=args.device
+        args.model,
+        checkpoint_path=args.checkpoint,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        config=parse_key_values(args.config),
     )
     model.save_prompt_embedding(model.encode_prompt(model.prepare_prompts(prompts)), args.output)
     print(f"encoded {len(prompts)} prompt(s) into {args.output}")
@@ -174,6 +214,7 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .imageio import save_label_png
+    from .overrides import parse_key_values
     from .zoo import create_model
 
     if args.first_mask is None and args.masks_dir is None:
@@ -211,7 +252,11 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
         )
     later = {t: annotations[p.stem] for t, p in enumerate(frames) if t and p.stem in annotations}
     model = create_model(
-        args.model, checkpoint_path=args.checkpoint, cache_dir=args.cache_dir, device=args.device
+        args.model,
+        checkpoint_path=args.checkpoint,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        config=parse_key_values(args.config),
     )
     options = {"memory": args.memory} if args.memory else {}
     if later:
@@ -230,18 +275,27 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train_sine
+    from .overrides import parse_key_values
+    from .registry import lookup
 
-    config = TrainConfig.from_yaml(args.config)
-    for key in ("steps", "out", "device"):
-        if getattr(args, key) is not None:
-            setattr(config, key, getattr(args, key))
-    losses = train_sine(config)
-    print(f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {config.out}")
+    train = lookup("trainer", args.family)
+    model_config = parse_key_values(args.model_config) or None
+    print(
+        train(
+            args.train_config,
+            steps=args.steps,
+            out=args.out,
+            device=args.device,
+            model_config=model_config,
+        )
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .registry import registered
+
+    levels = sorted({lvl for cls in registered("model family").values() for lvl in cls.levels})
     parser = argparse.ArgumentParser(
         prog="promptseg",
         description="Prompt-conditioned image segmentation: CLIPSeg, SINE, DiffewS, ODISE.",
@@ -256,9 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     def cache(p: argparse.ArgumentParser) -> None:
         p.add_argument("--cache-dir", help="weights cache (default: $PROMPTSEG_CACHE or ~/.cache)")
 
+    def config_arg(p: argparse.ArgumentParser, dest: str = "config") -> None:
+        p.add_argument(
+            "--config",
+            dest=dest,
+            action="append",
+            metavar="KEY=VALUE",
+            help="override the model's configuration (repeatable; dotted keys, YAML values), "
+            "e.g. --config head.layers=2 or --config backbone.name=timm_vit",
+        )
+
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
         p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+        config_arg(p)
         cache(p)
 
     def prompt_args(p: argparse.ArgumentParser) -> None:
@@ -281,12 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     p = add("list", cmd_list, "List model names (arch.tag) with their capabilities.")
-    p.add_argument("filter", nargs="?", default="", help="fnmatch pattern, e.g. 'clipseg*'")
+    p.add_argument(
+        "filter",
+        nargs="?",
+        default="",
+        help="fnmatch pattern, e.g. 'clipseg*'; without wildcards, a substring (e.g. sine)",
+    )
     p.add_argument("--pretrained", action="store_true", help="only names with released weights")
     p.add_argument("--capability", help="only models with this capability, e.g. visual")
+    p.add_argument(
+        "--backbones", action="store_true", help="list registered backbones and their contracts"
+    )
+    p.add_argument(
+        "--heads", action="store_true", help="list registered heads and the features they need"
+    )
 
     p = add("info", cmd_info, "Show a model's card: config, weight sources, paper numbers.")
     p.add_argument("name")
+    config_arg(p)
     cache(p)
 
     p = add("download", cmd_download, "Download and convert a model's weights into the cache.")
@@ -302,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="model name the file belongs to")
     p.add_argument("file", help="checkpoint file or save_pretrained directory")
     p.add_argument("-o", "--output", help="write here instead of the cache")
+    config_arg(p)
     cache(p)
 
     p = add("segment", cmd_segment, "Segment an image; writes mask PNGs, overlay.png, result.json.")
@@ -311,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="an encoded prompt written by `promptseg encode-prompt`")
     p.add_argument(
         "--level",
-        choices=["semantic", "instance", "identity", "all"],
-        help="which outputs (SINE: same objects, scored instances, one mask per class, or all)",
+        choices=levels,
+        help="which outputs (default: the model's first level). SINE: identity (the same "
+        "objects), instance (scored instances), semantic (one mask per class); open-vocabulary "
+        "models: panoptic too; all: every level the model has, from one pass",
     )
     p.add_argument("--threshold", type=float, help="probability threshold (default: the tag's)")
     model_args(p)
@@ -352,8 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out", help="output folder for palette PNGs")
 
     p = add("train", cmd_train, "Fine-tune a model's trainable parts (SINE) on a COCO dataset.")
-    p.add_argument("family", choices=["sine"], help="model family to train")
-    p.add_argument("--config", required=True, help="YAML: model, annotations, images, steps, ...")
+    p.add_argument(
+        "family",
+        choices=sorted(registered("trainer")),
+        help="model family to train (families with a trainer)",
+    )
+    p.add_argument(
+        "--config",
+        dest="train_config",
+        required=True,
+        help="YAML: model, annotations, images, steps, ...",
+    )
+    p.add_argument(
+        "--model-config",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override the model's configuration (repeatable), e.g. "
+        "--model-config backbone.name=open_clip_vit",
+    )
     p.add_argument("--steps", type=int, help="override the config's number of steps")
     p.add_argument("--out", help="override the config's output folder")
     p.add_argument("--device", help="cpu, cuda, ...")

@@ -32,3 +32,7 @@ class UnknownModelError(PromptsegError, KeyError):
 
 class DatasetLayoutError(PromptsegError, FileNotFoundError):
     """A dataset folder lacks files or has malformed ones; the message lists what was expected."""
+
+
+class IncompatibleComponentsError(PromptsegError, ValueError):
+    """A backbone does not provide the features a head needs; the message names both contracts."""

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .transforms import resize_mask
 
 __all__ = [
     "ImageInput",
@@ -293,11 +294,7 @@ def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
 
 def _resize_nearest(t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
     """Nearest (pixel-centre, as PIL NEAREST) resize of a 2-D tensor, dtype preserved."""
-    if size is None or tuple(t.shape) == size:
-        return t
-    work = torch.float32 if t.dtype in (torch.bool, torch.uint8) else torch.float64
-    out = F.interpolate(t[None, None].to(work), size=size, mode="nearest-exact")[0, 0]
-    return out.to(t.dtype)
+    return t if size is None else resize_mask(t, size, grid="center")
 
 
 def _mask_pil_to_array(img: Image.Image) -> np.ndarray:

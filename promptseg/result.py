@@ -24,6 +24,7 @@ from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
 from promptseg.imageio import ImageInput, load_image, to_pil
+from promptseg.jsonable import to_jsonable
 
 __all__ = ["LEVELS", "SegmentationResult", "palette"]
 
@@ -61,21 +62,6 @@ def _int64(name: str, t: Any, n: int) -> torch.Tensor:
     if t.ndim != 1 or t.shape[0] != n:
         raise ValueError(f"{name} must have shape [N] = [{n}] (one per mask), got {_shape(t)}")
     return _cpu(t).to(torch.int64)
-
-
-def _jsonable(x: Any) -> Any:
-    """JSON-compatible copy of `x`; anything JSON cannot hold is stringified."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (torch.Tensor, np.ndarray, np.generic)) and np.ndim(x) == 0:
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if x is None or isinstance(x, (bool, int, str)):
-        return x
-    return str(x)
 
 
 def _slug(text: str, max_len: int = 40) -> str:
@@ -485,7 +471,7 @@ class SegmentationResult:
             "class_ids": None if self.class_ids is None else self.class_ids.tolist(),
             "boxes": self.boxes().tolist(),
             "mask_files": mask_files,
-            "meta": _jsonable(self.meta),
+            "meta": to_jsonable(self.meta, finite_only=True),
         }
         if self.panoptic is not None:
             ids = self.panoptic["id_map"].to(torch.int64)
@@ -495,7 +481,7 @@ class SegmentationResult:
             written.append(path)
             record["panoptic"] = {
                 "file": path.name,
-                "segments_info": _jsonable(self.panoptic["segments_info"]),
+                "segments_info": to_jsonable(self.panoptic["segments_info"], finite_only=True),
             }
 
         path = directory / "result.json"

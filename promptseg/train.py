@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from timm.layers import LayerNorm2d
 from torch import nn
 from tqdm import tqdm
 
 from .data.fewshot import segmentation_to_mask
 from .errors import DatasetLayoutError
-from .heads.matcher import SINECriterion
+from .heads.mformer_loss import SINECriterion
+from .overrides import merge
+from .registry import register_trainer
 from .transforms import preprocess
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "optimiser_step",
     "trainable_model",
     "train_sine",
+    "train_from_file",
 ]
 
 
@@ -84,6 +88,7 @@ class TrainConfig:
     device: str | None = None
     out: str = "runs/train_sine"
     save_every: int = 500
+    model_config: dict[str, Any] = field(default_factory=dict)  # create_model(config=) overrides
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -246,15 +251,16 @@ def canvas_pixels(model: Any, image: np.ndarray) -> torch.Tensor:
     """RGB uint8 [h, w, 3] (h, w <= canvas) -> normalised [1, 3, canvas, canvas], zero-padded."""
     h, w = image.shape[:2]
     pixels = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    x = preprocess(pixels, {**model.card.data_config, "input_size": (h, w)}, model.dtype)
-    return F.pad(x, (0, model.canvas - w, 0, model.canvas - h)).to(model.device)
+    x = preprocess(pixels, {**model.data_configs["default"], "input_size": (h, w)}, model.dtype)
+    return x.to(model.device)
 
 
 def canvas_masks(model: Any, masks: np.ndarray) -> torch.Tensor:
     """bool [T, h, w] -> float [T, canvas, canvas] on the model's device, zero-padded."""
     m = torch.from_numpy(np.ascontiguousarray(masks)).float()
     h, w = m.shape[-2:]
-    return F.pad(m, (0, model.canvas - w, 0, model.canvas - h)).to(model.device)
+    canvas = model.canvas("fss")
+    return F.pad(m, (0, canvas - w, 0, canvas - h)).to(model.device)
 
 
 def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
@@ -279,13 +285,14 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
 
 
 def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed and not decayed (nn.LayerNorm, nn.Embedding)."""
+    """Trainable parameters split into decayed and not decayed (nn.LayerNorm, nn.Embedding;
+    timm's channel-first LayerNorm2d, a LayerNorm subclass, is decayed as officially)."""
     groups = {
         True: {"params": [], "names": [], "weight_decay": weight_decay},
         False: {"params": [], "names": [], "weight_decay": 0.0},
     }
     for prefix, sub in module.named_modules():
-        decay = not isinstance(sub, nn.LayerNorm | nn.Embedding)
+        decay = isinstance(sub, LayerNorm2d) or not isinstance(sub, nn.LayerNorm | nn.Embedding)
         for name, p in sub.named_parameters(recurse=False):
             if p.requires_grad:
                 groups[decay]["params"].append(p)
@@ -336,6 +343,7 @@ def trainable_model(config: TrainConfig) -> Any:
         pretrained=config.pretrained,
         checkpoint_path=config.checkpoint,
         device=config.device,
+        config=config.model_config or None,
     )
     model.train()
     model.backbone.requires_grad_(False)
@@ -355,7 +363,7 @@ def train_sine(config: TrainConfig, *, progress: bool = True) -> list[float]:
     criterion = SINECriterion()
     sampler = PairSampler(
         data,
-        model.canvas,
+        model.canvas("fss"),
         np.random.default_rng(config.seed),
         config.crop_pair_prob,
         config.jitter_scale,
@@ -380,3 +388,17 @@ def train_sine(config: TrainConfig, *, progress: bool = True) -> list[float]:
             save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
     model.eval()
     return losses
+
+
+@register_trainer("sine")
+def train_from_file(path: str | os.PathLike, **overrides: Any) -> str:
+    """`promptseg train sine --config FILE`: the YAML's TrainConfig, `overrides` (CLI flags that
+    were given) on top; returns the summary line the CLI prints."""
+    config = TrainConfig.from_yaml(path)
+    for key, value in overrides.items():
+        if key == "model_config" and value:
+            value = merge(config.model_config, value)
+        if value is not None:
+            setattr(config, key, value)
+    losses = train_sine(config)
+    return f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {config.out}"

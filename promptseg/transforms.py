@@ -3,12 +3,15 @@
 A data config is a mapping from zoo.yaml: `input_size` [H, W], `resize` ("squash" = resize to
 exactly input_size ignoring aspect ratio; "shortest_edge" = detectron2 `ResizeShortestEdge(short,
 max_size)`, aspect kept, PIL bilinear on the uint8 image), `interpolation`, `antialias`,
-`channels` ("rgb" default, or "bgr": the channels are reversed before normalising), `mean`, `std`.
+`channels` ("rgb" default, or "bgr": the channels are reversed before normalising), `mean`, `std`,
+and optional zero padding at the bottom/right: `canvas` (to a square of that side) or
+`size_divisibility` (to multiples of it). A model may have several named configs (one per input it
+feeds, e.g. a diffusion input and a CLIP input): `named_data_configs` splits them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +19,50 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["preprocess", "shortest_edge_size", "resize_mask", "resize_logits"]
+__all__ = [
+    "DATA_CONFIG_KEYS",
+    "preprocess",
+    "named_data_configs",
+    "resized_size",
+    "shortest_edge_size",
+    "resize_mask",
+    "resize_logits",
+    "crop_resize",
+]
+
+#: keys a data config may set (in zoo.yaml or as create_model(data_config=) overrides)
+DATA_CONFIG_KEYS = (
+    "input_size",
+    "resize",
+    "short",
+    "max_size",
+    "interpolation",
+    "antialias",
+    "channels",
+    "mean",
+    "std",
+    "canvas",
+    "size_divisibility",
+    "eval_resolution",
+)
+
+
+def named_data_configs(data_config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{"default": the top-level keys, name: the default updated by each dict-valued key}."""
+    default = {k: v for k, v in data_config.items() if not isinstance(v, Mapping)}
+    named = {k: {**default, **v} for k, v in data_config.items() if isinstance(v, Mapping)}
+    return {"default": default, **named}
+
+
+def resized_size(image_size: tuple[int, int], data_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(h', w') an image of `image_size` takes at the config's resolution, before any padding."""
+    mode = data_config.get("resize", "squash")
+    if mode == "shortest_edge":
+        short, max_size = int(data_config["short"]), int(data_config["max_size"])
+        return shortest_edge_size(*image_size, short, max_size)
+    if mode == "squash" and "input_size" in data_config:
+        return tuple(int(s) for s in data_config["input_size"])
+    return tuple(int(s) for s in image_size)
 
 
 def preprocess(
@@ -46,7 +92,23 @@ def preprocess(
         raise ValueError(f"unsupported channel order {channels!r}; known: 'rgb', 'bgr'")
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
-    return ((x - mean) / std).to(dtype)
+    return _pad(((x - mean) / std).to(dtype), data_config)
+
+
+def _pad(x: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
+    """Zero-pad [1, 3, h, w] at the bottom/right to the config's canvas or size divisibility."""
+    h, w = x.shape[-2:]
+    if "canvas" in data_config:
+        side = int(data_config["canvas"])
+        if h > side or w > side:
+            raise ValueError(f"a {h}x{w} input does not fit the {side}x{side} canvas")
+        th, tw = side, side
+    elif data_config.get("size_divisibility"):
+        d = int(data_config["size_divisibility"])
+        th, tw = -(-h // d) * d, -(-w // d) * d
+    else:
+        return x
+    return F.pad(x, (0, tw - w, 0, th - h)) if (th, tw) != (h, w) else x
 
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
@@ -71,14 +133,21 @@ def _resize_shortest_edge(image: torch.Tensor, data_config: Mapping[str, Any]) -
     return torch.from_numpy(out.copy()).permute(2, 0, 1)
 
 
-def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-neighbour resize of a bool/int mask [..., H, W] (labels are never blended)."""
-    if tuple(mask.shape[-2:]) == tuple(size):
+def resize_mask(mask: torch.Tensor, size: Sequence[int], *, grid: str = "floor") -> torch.Tensor:
+    """Nearest resize of a bool / integer / float mask or label map [..., H, W], dtype kept.
+
+    `grid` "floor": torch's `nearest` (source index floor(dst * in / out)), what the benchmark
+    protocols use; "center": pixel centres (`nearest-exact`), as PIL NEAREST, what image and
+    mask loading use. Labels are never blended; integer labels stay exact (float64 work).
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(mask.shape[-2:]) == size:
         return mask
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
-    out = F.interpolate(flat, size=tuple(size), mode="nearest")
-    return out.reshape(*lead, *size).to(mask.dtype)
+    mode = {"floor": "nearest", "center": "nearest-exact"}[grid]
+    exact = mask.dtype in (torch.int32, torch.int64, torch.float64)
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).to(torch.float64 if exact else torch.float32)
+    out = F.interpolate(flat, size=size, mode=mode)
+    return out.reshape(*mask.shape[:-2], *size).to(mask.dtype)
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -89,3 +158,9 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits[:, None], size=tuple(size), mode="bilinear", align_corners=False)[
         :, 0
     ]
+
+
+def crop_resize(logits: torch.Tensor, valid: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """detectron2 sem_seg_postprocess: [N, H, W] on a padded canvas -> crop the image region
+    `valid` (h', w') at the top left -> bilinear to `size` -> float32 [N, *size]."""
+    return resize_logits(logits[..., : valid[0], : valid[1]], tuple(size))

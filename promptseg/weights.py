@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +32,8 @@ import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from promptseg.errors import CheckpointFormatError, ChecksumError, WeightsNotFoundError
+from .errors import CheckpointFormatError, ChecksumError, WeightsNotFoundError
+from .registry import lookup
 
 __all__ = [
     "WeightSource",
@@ -523,22 +525,24 @@ def native_checkpoint_path(card: Any, cache_dir: str | os.PathLike[str] | None =
     return cache_root(cache_dir) / card.name / "promptseg.safetensors"
 
 
-def _converter(name: str) -> Any:
-    from .registry import CONVERTERS
-    from .zoo import import_family
+def _converter(name: str | None, card: Any) -> Any:
+    """The registered converter `name`, or an error when the model has none."""
+    if name is None:
+        raise CheckpointFormatError(
+            f"{card.name} has no checkpoint converter: it has no weights to load "
+            "(build it with pretrained=False)"
+        )
+    return lookup("converter", name)
 
-    if name not in CONVERTERS:
-        import_family(name.split("_")[0])
-    return CONVERTERS[name]
 
-
-def _requirer(cache_dir: str | os.PathLike[str] | None, progress: bool) -> Any:
+def _requirer(card: Any, cache_dir: str | os.PathLike[str] | None, progress: bool) -> Any:
     """`require(component) -> state dict`: a converter's way to get a shared component's weights."""
-    from .zoo import component
 
     def require(name: str) -> dict[str, torch.Tensor]:
+        if name not in card.components:
+            raise WeightsNotFoundError(f"{card.name} names no shared component {name!r}")
         return load_state_dict_file(
-            resolve_file(name, component(name), cache_dir=cache_dir, progress=progress)
+            resolve_file(name, card.components[name], cache_dir=cache_dir, progress=progress)
         )
 
     return require
@@ -552,7 +556,7 @@ def convert_checkpoint(
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Any layout the family's converter knows -> native state dict (fetching components)."""
-    return _converter(card.family)(dict(state_dict), _requirer(cache_dir, progress))
+    return _converter(card.converter, card)(dict(state_dict), _requirer(card, cache_dir, progress))
 
 
 def fetch_native(
@@ -577,11 +581,11 @@ def fetch_native(
         try:
             path = resolve_file(card.name, route.files, cache_dir=cache_dir, progress=progress)
             with blame_file(path, where_to_get(card, cache_dir)):
-                state = _converter(route.converter)(
-                    load_state_dict_file(path), _requirer(cache_dir, progress)
+                state = _converter(route.converter, card)(
+                    load_state_dict_file(path), _requirer(card, cache_dir, progress)
                 )
         except WeightsNotFoundError as exc:
-            failures.append(str(exc) + _component_note(route, cache_dir))
+            failures.append(str(exc) + _component_note(route, card, cache_dir))
             continue
         save_state_dict_file(state, native_checkpoint_path(card, cache_dir))
         return state
@@ -592,14 +596,12 @@ def fetch_native(
     )
 
 
-def _component_note(route: Any, cache_dir: str | os.PathLike[str] | None) -> str:
+def _component_note(route: Any, card: Any, cache_dir: str | os.PathLike[str] | None) -> str:
     """Tell up front which shared components a route also needs, and where they go."""
-    from .zoo import component
-
     lines = [
         f"\nThis option also needs the component {name}: one of "
-        + ", ".join(str(cache_root(cache_dir) / name / s.filename) for s in component(name))
-        + f" (sources: {'; '.join(s.describe() for s in component(name))})."
+        + ", ".join(str(cache_root(cache_dir) / name / s.filename) for s in card.components[name])
+        + f" (sources: {'; '.join(s.describe() for s in card.components[name])})."
         for name in route.requires
     ]
     return "".join(lines)
@@ -632,9 +634,24 @@ def checkpoint_hint(card: Any, cache_dir: str | os.PathLike[str] | None) -> str:
     )
 
 
-def load_native_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], origin: str):
-    """Strict load naming missing, unexpected and wrongly shaped keys (not a torch error)."""
-    expected = model.state_dict()
+def load_native_state_dict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    origin: str,
+    skip: Sequence[str] = (),
+):
+    """Strict load naming missing, unexpected and wrongly shaped keys (not a torch error).
+
+    Keys under the parts in `skip` (e.g. a replaced backbone) are left out on both sides: the
+    checkpoint's are reported as skipped, the model keeps the part's own weights.
+    """
+
+    def kept(key: str) -> bool:
+        return not any(key.startswith(f"{part}.") for part in skip)
+
+    expected = {k: v for k, v in model.state_dict().items() if kept(k)}
+    skipped = sorted(k for k in state if not kept(k))
+    state = {k: v for k, v in state.items() if kept(k)}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(
@@ -653,7 +670,16 @@ def load_native_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Ten
             + "; ".join(problems)
             + ". Is it a checkpoint of another variant (e.g. a different reduce_dim / head)?"
         )
-    model.load_state_dict(state, strict=True)
+    if skipped:
+        warnings.warn(
+            f"{origin}: skipped {len(skipped)} key(s) of the replaced {', '.join(skip)} "
+            f"({skipped[0]}, ...); the replaced part keeps its own (or random) weights",
+            stacklevel=3,
+        )
+    incompatible = model.load_state_dict(state, strict=False)
+    left = [k for k in incompatible.missing_keys if kept(k)] + list(incompatible.unexpected_keys)
+    if left:  # cannot happen after the checks above; never load half a model silently
+        raise CheckpointFormatError(f"{origin}: keys did not load: {left[:8]}")
 
 
 def load_pretrained(
@@ -674,10 +700,12 @@ def load_pretrained(
     else:
         native = native_checkpoint_path(card, cache_dir)
         origin = str(native)
-        if native.is_file():
+        if native.is_file():  # through the converter too: it updates older native layouts
             hint = "Delete it; the next load converts the weights again."
             with blame_file(origin, f"{hint} {where_to_get(card, cache_dir)}"):
-                state = load_state_dict_file(native)
+                state = convert_checkpoint(
+                    card, load_state_dict_file(native), cache_dir=cache_dir, progress=progress
+                )
         else:
             state = fetch_native(card, cache_dir=cache_dir, progress=progress)
-    load_native_state_dict(model, state, origin)
+    load_native_state_dict(model, state, origin, skip=card.replaced)

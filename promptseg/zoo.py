@@ -1,17 +1,20 @@
 """The model zoo: reads zoo.yaml, lists models, describes them, and builds them by name.
 
-`create_model("clipseg_vitb16_rd64.refined")` = look up the card, build the family's module from
-the card's config, then load weights (weights.py) unless `pretrained=False`.
+`create_model("clipseg_vitb16_rd64.refined")` = look up the card (with any overrides merged in),
+build the family registered under the card's `family` from it, then load weights (weights.py)
+unless `pretrained=False`. Families, backbones, heads and converters are found through the
+registry by the names zoo.yaml gives them.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import fnmatch
 import functools
-import importlib
+import inspect
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +23,23 @@ import torch
 import yaml
 
 from .errors import UnknownModelError
-from .registry import MODELS
-from .weights import WeightSource
+from .overrides import merge, merge_checked
+from .registry import lookup
+from .transforms import DATA_CONFIG_KEYS
+from .weights import WeightSource, load_pretrained
 
-__all__ = ["ModelCard", "WeightRoute", "list_models", "model_info", "create_model", "component"]
+__all__ = [
+    "ModelCard",
+    "WeightRoute",
+    "list_models",
+    "model_info",
+    "create_model",
+    "build_model",
+    "components",
+]
 
 ZOO_FILE = Path(__file__).with_name("zoo.yaml")
-# family -> does it have a checkpoint converter module (promptseg/convert/<family>.py)?
-FAMILIES = {"clipseg": True, "sine": True, "testing": False}
+PARTS = ("backbone", "head")  # config sections naming a registered component
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,8 @@ class WeightRoute:
 
 @dataclass(frozen=True)
 class ModelCard:
-    """Everything zoo.yaml says about one `arch.tag` (or a bare arch with no released weights)."""
+    """Everything zoo.yaml says about one `arch.tag` (or a bare arch with no released weights),
+    with the overrides `create_model` was given merged in."""
 
     name: str
     arch: str
@@ -56,6 +69,9 @@ class ModelCard:
     weights: tuple[WeightRoute, ...] = ()
     reported: dict[str, Any] = field(default_factory=dict)
     paper: str | None = None
+    converter: str | None = None  # reads any checkpoint layout of the family (checkpoint_path=)
+    components: dict[str, tuple[WeightSource, ...]] = field(default_factory=dict)  # shared files
+    replaced: tuple[str, ...] = ()  # parts (backbone/head) swapped for other registered ones
 
     @property
     def pretrained(self) -> bool:
@@ -67,14 +83,6 @@ class ModelCard:
 def _zoo() -> dict[str, Any]:
     with open(ZOO_FILE, encoding="utf-8") as f:
         return yaml.safe_load(f)
-
-
-def _merge(base: dict, override: dict) -> dict:
-    """Recursive dict update (tag config over arch config) returning a new dict."""
-    out = copy.deepcopy(base)
-    for k, v in override.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def _routes(entries: list[dict]) -> tuple[WeightRoute, ...]:
@@ -96,14 +104,29 @@ def _all_names() -> list[str]:
     return names
 
 
-def _card(name: str) -> ModelCard:
+def components() -> dict[str, tuple[WeightSource, ...]]:
+    """Weight files of the shared components (e.g. a CLIP backbone) named in zoo.yaml."""
+    return {
+        name: tuple(WeightSource.from_dict(f) for f in spec["files"])
+        for name, spec in (_zoo().get("components") or {}).items()
+    }
+
+
+def _card(name: Any) -> ModelCard:
+    if not isinstance(name, str):
+        raise TypeError(
+            f"a model name is a string like 'clipseg_vitb16_rd64.refined', got "
+            f"{type(name).__name__} {name!r} (promptseg.list_models() shows all names)"
+        )
     archs = _zoo()["architectures"]
     arch, _, tag = name.partition(".")
     if arch not in archs or (tag and tag not in (archs[arch].get("tags") or {})):
         close = difflib.get_close_matches(name, _all_names(), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        lowered = [n for n in _all_names() if name.lower() in n.lower() and n not in close]
+        hint = close + lowered[: 3 - len(close)]
+        hint_text = f"; did you mean {', '.join(hint)}?" if hint else ""
         raise UnknownModelError(
-            f"unknown model {name!r}{hint} (promptseg.list_models() shows all names)"
+            f"unknown model {name!r}{hint_text} (promptseg.list_models() shows all names)"
         )
     spec = archs[arch]
     tag = tag or spec.get("default_tag")
@@ -115,28 +138,105 @@ def _card(name: str) -> ModelCard:
         family=spec["family"],
         description=tag_spec.get("description") or spec.get("description", ""),
         capabilities=frozenset(spec.get("capabilities", ())),
-        config=_merge(spec.get("config", {}), tag_spec.get("config", {})),
+        config=merge(spec.get("config", {}), tag_spec.get("config", {})),
         data_config=dict(spec.get("data_config", {})),
         default_threshold=tag_spec.get("default_threshold"),
         license=tag_spec.get("license"),
         weights=_routes(tag_spec.get("weights", [])),
         reported=tag_spec.get("reported") or {},
         paper=spec.get("paper"),
+        converter=spec.get("converter"),
+        components=components(),
     )
 
 
-def component(name: str) -> tuple[WeightSource, ...]:
-    """Weight files of a shared component (e.g. a CLIP backbone) named in zoo.yaml."""
-    comps = _zoo().get("components", {})
-    if name not in comps:
-        raise UnknownModelError(f"zoo.yaml names no component {name!r}")
-    return tuple(WeightSource.from_dict(f) for f in comps[name]["files"])
+def _params(cls: Any) -> list[str]:
+    """Constructor parameter names of a registered backbone or head, minus those the family or
+    the backbone's features set (features, in_channels, output)."""
+    return [
+        p
+        for p in inspect.signature(cls).parameters
+        if p not in ("self", "features", "in_channels", "output", "args", "kwargs")
+    ]
+
+
+def _with_part(config: dict[str, Any], part: str, override: Any, what: str) -> tuple[dict, bool]:
+    """Config with one part (backbone / head) merged or replaced -> (config, replaced?)."""
+    if not isinstance(override, Mapping):
+        raise TypeError(
+            f"{part}= must be a dict like {{'name': ..., ...}}, got {type(override).__name__}"
+        )
+    current = config.get(part)
+    if current is None:
+        raise ValueError(f"{what} has no {part} to override")
+    kind = "backbone" if part == "backbone" else "head"
+    name = override.get("name", current["name"])
+    cls = lookup(kind, name)
+    accepted = {"name", *_params(cls)}
+    signature = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature):
+        accepted |= set(override)  # e.g. timm keyword arguments passed through
+    if name != current["name"]:
+        unknown = sorted(set(override) - accepted)
+        if unknown:
+            raise ValueError(
+                f"{part} {name!r} takes no {', '.join(map(repr, unknown))}; valid keys: "
+                f"{', '.join(sorted(accepted))}"
+            )
+        return {**config, part: dict(override)}, True
+    merged = merge_checked(
+        {part: current}, {part: dict(override)}, f"{what} config", open_keys={part: accepted}
+    )[part]
+    return {**config, part: merged}, False
+
+
+def _data_config_keys(data_config: Mapping[str, Any]) -> dict[str, set[str]]:
+    """Keys valid at the top of a data config and in each named sub-config."""
+    keys = set(DATA_CONFIG_KEYS)
+    return {"": keys, **{k: keys for k, v in data_config.items() if isinstance(v, Mapping)}}
+
+
+def apply_overrides(
+    card: ModelCard,
+    *,
+    config: Mapping[str, Any] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    backbone: Mapping[str, Any] | None = None,
+    head: Mapping[str, Any] | None = None,
+) -> ModelCard:
+    """The card with overrides merged into its config / data config (unknown keys raise)."""
+    new_config, replaced = dict(card.config), list(card.replaced)
+    if config:
+        config = dict(config)
+        parts = {p: config.pop(p) for p in PARTS if p in config}
+        new_config = merge_checked(new_config, config, f"{card.name} config")
+        backbone = merge(parts.get("backbone", {}), backbone or {}) or None
+        head = merge(parts.get("head", {}), head or {}) or None
+    for part, override in (("backbone", backbone), ("head", head)):
+        if override:
+            new_config, swapped = _with_part(new_config, part, override, card.name)
+            if swapped and part not in replaced:
+                replaced.append(part)
+    new_data = card.data_config
+    if data_config:
+        new_data = merge_checked(
+            card.data_config,
+            data_config,
+            f"{card.name} data_config",
+            open_keys=_data_config_keys(card.data_config),
+        )
+    return dataclasses.replace(
+        card, config=new_config, data_config=new_data, replaced=tuple(replaced)
+    )
 
 
 def list_models(
     filter: str = "", *, pretrained: bool = False, capability: str | None = None
 ) -> list[str]:
-    """Names matching an fnmatch `filter`; `pretrained` keeps released `arch.tag` names only."""
+    """Names matching `filter` (fnmatch; a pattern without wildcards matches as a substring);
+    `pretrained` keeps released `arch.tag` names only."""
+    if filter and not any(c in filter for c in "*?["):
+        filter = f"*{filter}*"
     names = []
     for name in _all_names():
         if filter and not fnmatch.fnmatch(name, filter):
@@ -150,25 +250,16 @@ def list_models(
     return names
 
 
-def model_info(name: str) -> ModelCard:
-    """The card of `name` (`arch` alone means its default tag)."""
-    return _card(name)
-
-
-def import_family(family: str) -> None:
-    """Import a family's model and converter modules, which register themselves."""
-    if family not in FAMILIES:
-        raise UnknownModelError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    importlib.import_module(f"promptseg.models.{family}")
-    if FAMILIES[family]:
-        importlib.import_module(f"promptseg.convert.{family}")
+def model_info(name: str, **overrides: Any) -> ModelCard:
+    """The card of `name` (`arch` alone means its default tag), with `create_model`'s overrides
+    (config=, data_config=, backbone=, head=) merged in when given."""
+    card = _card(name)
+    return apply_overrides(card, **overrides) if any(overrides.values()) else card
 
 
 def build_model(card: ModelCard) -> torch.nn.Module:
     """Instantiate the family's module with random weights from a card."""
-    if card.family not in MODELS:
-        import_family(card.family)
-    return MODELS[card.family](card)
+    return lookup("model family", card.family)(card)
 
 
 def check_device(device: str | torch.device | None) -> torch.device | None:
@@ -203,23 +294,35 @@ def create_model(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    config: Mapping[str, Any] | None = None,
+    data_config: Mapping[str, Any] | None = None,
+    backbone: Mapping[str, Any] | None = None,
+    head: Mapping[str, Any] | None = None,
 ) -> torch.nn.Module:
     """Build a model by name and load its weights (random init when `pretrained=False`).
 
     `checkpoint_path` (a file or a save_pretrained directory, in any layout a converter knows)
-    takes precedence over the cache, the Hugging Face hub and URLs.
+    takes precedence over the cache, the Hugging Face hub and URLs. `config` and `data_config`
+    are merged recursively into the architecture's zoo.yaml entries (unknown keys raise).
+    `backbone` / `head` merge into those parts, or replace them when they name another
+    registered one (`{"name": "timm_vit", "arch": ...}`): a replaced part takes its weights from
+    its own source (its `pretrained` option) or random init, and the checkpoint's keys for it
+    are skipped with a warning.
     """
-    card = _card(name)
+    card = model_info(name, config=config, data_config=data_config, backbone=backbone, head=head)
     device = check_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
             f"dtype must be a floating torch.dtype (torch.float32, torch.float16, torch.bfloat16), "
             f"got {dtype!r}"
         )
+    if checkpoint_path is not None and not isinstance(checkpoint_path, str | os.PathLike):
+        raise TypeError(
+            f"checkpoint_path must be a path (str or os.PathLike), got "
+            f"{type(checkpoint_path).__name__} {checkpoint_path!r}"
+        )
     model = build_model(card)
     if checkpoint_path is not None or pretrained:
-        from .weights import load_pretrained
-
         load_pretrained(model, card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
     model.eval()
     if device is not None or dtype is not None:

@@ -40,9 +40,9 @@ def test_list_models_filters():
 
 def test_model_info_default_tag_and_card():
     card = promptseg.model_info("clipseg_vitb16_rd64")
-    assert card.name == "clipseg_vitb16_rd64.refined" and card.config["refined"] is True
+    assert card.name == "clipseg_vitb16_rd64.refined" and card.config["head"]["refined"] is True
     uni = promptseg.model_info("clipseg_vitb16_rd64.uni")
-    assert uni.config["refined"] is False and uni.default_threshold == 0.3
+    assert uni.config["head"]["refined"] is False and uni.default_threshold == 0.3
     assert uni.reported["phrasecut_table3_t0.3"]["mIoU"] == 43.4
     assert uni.config["extract_layers"] == [3, 6, 9]
     assert uni.data_config["mean"] == [0.485, 0.456, 0.406]
@@ -237,7 +237,7 @@ def test_predictor_caches_by_content(tiny_clipseg, rgb, monkeypatch):
     pred = Predictor(tiny_clipseg)
     calls = []
     original = tiny_clipseg.encode_image
-    monkeypatch.setattr(tiny_clipseg, "encode_image", lambda x: calls.append(1) or original(x))
+    monkeypatch.setattr(tiny_clipseg, "encode_image", lambda *a: calls.append(1) or original(*a))
     pred.set_image(rgb)
     pred.set_image(rgb.copy())
     assert len(calls) == 1
@@ -285,7 +285,7 @@ def test_only_the_tapped_blocks_run():
 
     model = build_model(model_info("clipseg_vitb16_rd64.uni")).eval()
     ran = []
-    for i, block in enumerate(model.backbone.clip.visual.transformer.resblocks):
+    for i, block in enumerate(model.backbone.visual.transformer.resblocks):
         block.register_forward_hook(lambda *_, i=i: ran.append(i))
     with torch.no_grad():
         model.encode_image(torch.randn(1, 3, 64, 64))
@@ -304,10 +304,10 @@ def test_readme_model_table_lists_every_zoo_name():
 def test_prompt_encoded_once_serves_many_images(tiny_clipseg, rgb, monkeypatch):
     prompts = tiny_clipseg.prepare_prompts(["a cup", "a plate"])
     with torch.inference_mode():
-        encoded = tiny_clipseg.embed_prompt(prompts)
+        encoded = tiny_clipseg.encode_prompt(prompts)
     calls = []
     original = tiny_clipseg.encode_prompt
-    monkeypatch.setattr(tiny_clipseg, "encode_prompt", lambda p: calls.append(1) or original(p))
+    monkeypatch.setattr(tiny_clipseg, "encode_prompt", lambda *a: calls.append(1) or original(*a))
     for image in (rgb, rgb[::-1].copy()):
         a = tiny_clipseg.segment(image, prompts, prompt_embeddings=encoded, return_logits=True)
         assert a.labels == ["a cup", "a plate"] and not calls

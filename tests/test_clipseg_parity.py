@@ -23,11 +23,11 @@ def test_tiny_text_and_visual_parity(refined: bool, size: int) -> None:
     ours = ours_from(hf, "clipseg_test_tiny", {"refined": refined})
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, size, size)
-    ids = ours.backbone.tokenize(["a cup", "something to fill", "wood"])
+    ids = ours.text_encoder.tokenize(["a cup", "something to fill", "wood"])
     with torch.no_grad():
         out = hf(input_ids=ids, pixel_values=pixels.expand(3, -1, -1, -1))
-        cond = ours.backbone.encode_text(ids)
-        logits = ours.decode(ours.encode_image(pixels), cond)
+        cond = ours.text_encoder(ids)
+        logits = ours.decode({"default": ours.encode_image(pixels)}, cond)
         torch.testing.assert_close(cond, out.conditional_embeddings, atol=1e-5, rtol=1e-5)
         assert_logits_close(logits, out.logits)
         # visual prompt: the same conditional-vector path, from an image embedding
@@ -37,7 +37,7 @@ def test_tiny_text_and_visual_parity(refined: bool, size: int) -> None:
         vis = ours.backbone.encode_image(support)
         torch.testing.assert_close(vis, hf_vis, atol=1e-5, rtol=1e-5)
         out = hf(conditional_embeddings=vis, pixel_values=pixels.expand(2, -1, -1, -1))
-        assert_logits_close(ours.decode(ours.encode_image(pixels), vis), out.logits)
+        assert_logits_close(ours.decode({"default": ours.encode_image(pixels)}, vis), out.logits)
 
 
 @pytest.mark.slow
@@ -55,17 +55,17 @@ def test_full_size_352_parity(name: str, refined: bool, reduce_dim: int) -> None
     ours = ours_from(hf, name)
     torch.manual_seed(2)
     pixels = torch.randn(1, 3, 352, 352)
-    ids = ours.backbone.tokenize(["a glass", "something to fill"])
+    ids = ours.text_encoder.tokenize(["a glass", "something to fill"])
     support = torch.randn(1, 3, 352, 352)
     with torch.no_grad():
         out = hf(input_ids=ids, pixel_values=pixels.expand(2, -1, -1, -1))
         image = ours.encode_image(pixels)
-        logits = ours.decode(image, ours.backbone.encode_text(ids))
+        logits = ours.decode({"default": image}, ours.text_encoder(ids))
         hf_vis = hf.clip.get_image_features(pixel_values=support)
         hf_vis = getattr(hf_vis, "pooler_output", hf_vis)
         vis = ours.backbone.encode_image(support)
         vis_out = hf(conditional_embeddings=hf_vis, pixel_values=pixels)
-        vis_logits = ours.decode(image, vis)
+        vis_logits = ours.decode({"default": image}, vis)
     assert logits.shape == (2, 352, 352)
     assert_logits_close(logits, out.logits)
     torch.testing.assert_close(vis, hf_vis, atol=1e-4, rtol=1e-5)

@@ -14,7 +14,7 @@ from promptseg.weights import load_pretrained, native_checkpoint_path, save_stat
 from promptseg.zoo import build_model, create_model, model_info
 
 pytest.importorskip("transformers")
-from promptseg.testing.clipseg import TINY, hf_model
+from promptseg.testing.clipseg import TINY, hf_model, openai_clip_state
 
 
 def official_decoder_dict(d: int, refined: bool, with_reduce: bool) -> dict[str, torch.Tensor]:
@@ -79,15 +79,11 @@ def test_official_decoder_only_file_loads_strictly(name, d, refined, with_reduce
     sd = official_decoder_dict(d, refined, with_reduce)
     assert len(sd) == n_keys
     model = build_model(model_info(name))
-    openai_clip = {
-        k[len("backbone.clip.") :]: v
-        for k, v in model.state_dict().items()
-        if k.startswith("backbone.clip.")
-    }
+    openai_clip = openai_clip_state(model)
     native = official_to_native(sd, require=lambda component: openai_clip)
     model.load_state_dict(native, strict=True)
     torch.testing.assert_close(
-        model.head.blocks[1].qkv.weight, sd["blocks.1.self_attn.in_proj_weight"]
+        model.head.blocks[1].self_attn.in_proj_weight, sd["blocks.1.self_attn.in_proj_weight"]
     )
     torch.testing.assert_close(model.head.reduces[0].bias, sd["reduces.0.bias"])
 
@@ -96,24 +92,13 @@ def official_file_of(hf) -> dict[str, torch.Tensor]:
     """The decoder of a transformers CLIPSeg under the official file's key names (spec §4.1)."""
     decoder = {k: v for k, v in convert_clipseg(hf.state_dict()).items() if k.startswith("head.")}
     official = {}
-    for k, v in decoder.items():
-        k = (
-            k[len("head.") :]
-            .replace("upsample", "trans_conv")
-            .replace(".qkv.", ".self_attn.in_proj_")
-        )
-        k = k.replace(".proj.", ".self_attn.out_proj.").replace(".fc1.", ".linear1.")
-        official[k.replace(".fc2.", ".linear2.")] = v
+    for k, v in decoder.items():  # same block names (torch TransformerEncoderLayer)
+        official[k[len("head.") :].replace("upsample", "trans_conv")] = v
     return official
 
 
 def tiny_clip_openai_names() -> dict[str, torch.Tensor]:
-    model = build_model(model_info("clipseg_test_tiny"))
-    return {
-        k[len("backbone.clip.") :]: v
-        for k, v in model.state_dict().items()
-        if k.startswith("backbone.clip.")
-    }
+    return openai_clip_state(build_model(model_info("clipseg_test_tiny")))
 
 
 def test_decoder_only_checkpoint_fetches_clip_component_from_cache(tmp_path, monkeypatch):
@@ -125,7 +110,7 @@ def test_decoder_only_checkpoint_fetches_clip_component_from_cache(tmp_path, mon
     path = tmp_path / "rd-tiny.pth"
     torch.save(official, path)
     model = create_model("clipseg_test_tiny", checkpoint_path=path, cache_dir=tmp_path)
-    torch.testing.assert_close(model.backbone.clip.visual.conv1.weight, clip["visual.conv1.weight"])
+    torch.testing.assert_close(model.backbone.visual.conv1.weight, clip["visual.conv1.weight"])
     torch.testing.assert_close(model.head.film_mul.weight, hf.decoder.film_mul.weight)
 
 
@@ -133,11 +118,11 @@ def test_transformers_save_pretrained_directory_loads(tmp_path):
     hf = hf_model(TINY, refined=True)
     hf.save_pretrained(tmp_path / "hf")
     model = create_model("clipseg_test_tiny", checkpoint_path=tmp_path / "hf")
-    ids = model.backbone.tokenize(["a cup"])
+    ids = model.text_encoder.tokenize(["a cup"])
     pixels = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         theirs = hf(input_ids=ids, pixel_values=pixels).logits
-        ours = model.decode(model.encode_image(pixels), model.backbone.encode_text(ids))
+        ours = model.decode({"default": model.encode_image(pixels)}, model.text_encoder(ids))
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 

@@ -82,7 +82,7 @@ def _expected_table(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
 def test_registered_and_frozen():
     model = DINOv2(None, **TINY)
     assert BACKBONES["dinov2"] is DINOv2
-    assert model.out_channels == 64 and model.strides == (14,)
+    assert model.feature_info.channels == (64,) and model.feature_info.strides == (14,)
     assert not any(p.requires_grad for p in model.parameters())
     assert all(k.startswith("vit.") for k in model.state_dict())
     assert "vit.mask_token" not in model.state_dict() and "vit.reg_token" not in model.state_dict()
@@ -92,7 +92,7 @@ def test_equals_timm_at_518():
     model = _tiny()
     pixels = torch.randn(2, 3, 518, 518)
     with torch.no_grad():
-        ours = model.forward_features(pixels)["tokens"]
+        ours = model.forward_features(pixels)["map"]
         ref = _timm_prenorm(_timm_twin(model), pixels)
     assert ours.shape == (2, 64, 37, 37)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
@@ -110,7 +110,7 @@ def test_dinov2_interpolation_not_timm_dynamic(size):
     static = _timm_twin(model, img_size=size)  # timm at this size, fed the expected table
     with torch.no_grad():
         static.pos_embed.copy_(table)
-        ours = model.forward_features(pixels)["tokens"]
+        ours = model.forward_features(pixels)["map"]
         expected = _timm_prenorm(static, pixels)
         dynamic = _timm_prenorm(_timm_twin(model, dynamic_img_size=True), pixels)
     assert ours.shape == (1, 64, gh, gw)
@@ -125,7 +125,7 @@ def test_position_cache_hits_and_invalidates():
     assert model.position_table((64, 64)) is first  # cached
     pixels = torch.randn(1, 3, 896, 896)
     with torch.no_grad():
-        before = model.forward_features(pixels)["tokens"]
+        before = model.forward_features(pixels)["map"]
         model.vit.pos_embed.mul_(-1.0)  # in-place edit: version counter moves
     flipped = model.position_table((64, 64))
     assert flipped is not first
@@ -140,13 +140,13 @@ def test_position_cache_hits_and_invalidates():
     model.vit.pos_embed = torch.nn.Parameter(torch.zeros_like(model.vit.pos_embed))  # replaced
     assert model.position_table((64, 64)).abs().max() == 0
     with torch.no_grad():
-        after = model.forward_features(pixels)["tokens"]
+        after = model.forward_features(pixels)["map"]
     assert not torch.allclose(before, after)
 
 
 def test_unfrozen_gets_gradients_through_the_table():
     model = DINOv2(None, frozen=False, **TINY)
-    out = model.forward_features(torch.randn(1, 3, 896, 896))["tokens"]
+    out = model.forward_features(torch.randn(1, 3, 896, 896))["map"]
     out.square().mean().backward()
     assert model.vit.pos_embed.grad is not None and model.vit.pos_embed.grad.abs().sum() > 0
 
@@ -162,9 +162,9 @@ def test_unfrozen_gets_gradients_through_the_table():
 def test_full_size_shapes_on_meta(arch, width, params):
     with torch.device("meta"):
         model = DINOv2(arch)
-        tokens = model.forward_features(torch.empty(2, 3, 896, 896))["tokens"]
-        tokens_vos = model.forward_features(torch.empty(1, 3, 1036, 1036))["tokens"]
-    assert model.out_channels == width
+        tokens = model.forward_features(torch.empty(2, 3, 896, 896))["map"]
+        tokens_vos = model.forward_features(torch.empty(1, 3, 1036, 1036))["map"]
+    assert model.feature_info.out_channels == width
     assert tokens.shape == (2, width, 64, 64)
     assert tokens_vos.shape == (1, width, 74, 74)
     if params is not None:

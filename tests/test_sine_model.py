@@ -8,6 +8,7 @@ import torch
 
 import promptseg
 from promptseg import SupportSet, UnsupportedPromptError, VisualPrompt
+from promptseg.heads.mformer import unbatch
 from promptseg.weights import save_state_dict_file
 
 
@@ -84,7 +85,7 @@ def test_released_tag_error_says_where_to_get_the_file(tmp_path):
 
 
 def test_memory_bank_keeps_first_frame_and_best_decayed():
-    from promptseg.models.sine import MemoryBank, MemoryEntry, decayed_score
+    from promptseg.models.sine_video import MemoryBank, MemoryEntry, decayed_score
 
     assert decayed_score(0.8, 0) == 0.8 and decayed_score(0.8, 10) == pytest.approx(0.4)
     assert decayed_score(0.8, 20) == 0.0 and decayed_score(0.8, 25) == 0.0
@@ -148,12 +149,13 @@ def test_instance_level_decodes_without_id_tokens(sine, scene):
     with torch.no_grad():
         ((_, fsod),) = sine.decode(emb.features, prompt, "instance")
         ((_, fss),) = sine.decode(emb.features, prompt, "semantic")
-        f, tokens = emb.features["fsod"], prompt[0].tokens["fsod"]
-        direct = sine.head(f["feats"], f["mfeat"], None, tokens.sem_tokens, aux=False)
-        g = emb.features["fss"]
+        f, tokens = emb.features["instance"], prompt[0].tokens["fsod"]
+        direct = unbatch(sine.head(f["feats"], f["mfeat"], None, tokens.sem_tokens, aux=False))[0]
+        g = emb.features["default"]
         without_ids = sine.head(
             g["feats"], g["mfeat"], tokens.id_tokens, prompt[0].tokens["fss"].sem_tokens, aux=False
         )
+        without_ids = unbatch(without_ids)[0]
     assert fsod["fsod"]["pred_id_logits"].shape[0] == 0 and tokens.id_tokens.shape[0] == 0
     torch.testing.assert_close(
         fsod["fsod"]["pred_logits"], direct["pred_logits"], atol=1e-5, rtol=1e-5

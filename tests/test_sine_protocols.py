@@ -12,9 +12,11 @@ from PIL import Image
 
 import promptseg
 from promptseg import SupportSet, UnsupportedPromptError, VisualPrompt
+from promptseg.cache import LRUCache
 from promptseg.heads.mformer import PooledTokens, semantic_map
-from promptseg.models.sine import LRUCache, SINEPrompt, crop_resize, merge_objects
-from promptseg.transforms import shortest_edge_size
+from promptseg.models.sine_prompts import SINEPrompt
+from promptseg.models.sine_video import merge_objects
+from promptseg.transforms import crop_resize, shortest_edge_size
 
 
 def _images(n: int, seed: int, shape=(60, 90, 3)) -> list[np.ndarray]:
@@ -71,19 +73,19 @@ def test_shortest_edge_size_is_detectron2s():
 
 def test_instance_level_uses_fsod_preprocessing(sine, scene):
     img, a, b = scene
-    pixels = sine.preprocess(torch.from_numpy(img).permute(2, 0, 1), "fsod")
+    pixels = sine.preprocess(torch.from_numpy(img).permute(2, 0, 1), "instance")
     resized = np.asarray(Image.fromarray(img).resize((112, 75), Image.BILINEAR))  # aspect kept
     bgr = torch.from_numpy(resized[..., ::-1].copy()).permute(2, 0, 1).float() / 255
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)  # RGB statistics on BGR pixels
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     expected = F.pad((bgr - mean) / std, (0, 0, 0, 112 - 75))  # zero (= mean) padding below
     torch.testing.assert_close(pixels[0], expected)
-    assert sine.valid_size((60, 90), "fsod") == (75, 112)
-    assert sine.valid_size((60, 90), "fss") == (84, 84)
+    assert sine.input_size((60, 90), "instance") == (75, 112)
+    assert sine.input_size((60, 90)) == (84, 84)
     emb = sine.embed_image(img, "instance")
-    assert set(emb.features) == {"fsod"}
+    assert set(emb.features) == {"instance"}
     with torch.inference_mode():
-        torch.testing.assert_close(emb.features["fsod"]["feats"], sine.features(expected[None]))
+        torch.testing.assert_close(emb.features["instance"]["feats"], sine.features(expected[None]))
     # the references go through the same protocol: their masks land in the 75 x 112 region
     canvas = sine._canvas_mask(torch.from_numpy(a), "fsod")
     assert canvas.shape == (112, 112) and not canvas[75:].any()

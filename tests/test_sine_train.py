@@ -234,7 +234,9 @@ def test_frozen_encoder_gets_no_gradient(tmp_path):
         tmp_path, annotations=str(ann), images=str(tmp_path), steps=2, warmup_steps=1
     )
     model = trainable_model(config)
-    sampler = PairSampler(CocoInstances(ann, tmp_path), model.canvas, np.random.default_rng(0))
+    sampler = PairSampler(
+        CocoInstances(ann, tmp_path), model.canvas("fss"), np.random.default_rng(0)
+    )
     output, target = training_pair(model, *sampler())
     output["pred_masks"].sum().backward()
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())

@@ -17,9 +17,10 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from ..contracts import FeatureInfo
 from ..registry import register_backbone
+from .base import Backbone
 
 __all__ = ["DINOv2", "DINOV2_ARCHS", "dinov2_position_table"]
 
@@ -27,7 +28,6 @@ __all__ = ["DINOv2", "DINOV2_ARCHS", "dinov2_position_table"]
 DINOV2_ARCHS = ("vit_small_patch14_dinov2", "vit_base_patch14_dinov2", "vit_large_patch14_dinov2")
 PATCH_SIZE = 14
 IMG_SIZE = 518
-_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 _CACHE_SIZE = 4
 
 
@@ -61,8 +61,15 @@ def dinov2_position_table(pos_embed: torch.Tensor, grid: tuple[int, int]) -> tor
 
 
 @register_backbone("dinov2")
-class DINOv2(nn.Module):
-    """Frozen DINOv2 ViT (timm modules) returning pre-norm last-block patch tokens at any size."""
+class DINOv2(Backbone):
+    """Frozen DINOv2 ViT (timm modules) returning pre-norm patch tokens at any size.
+
+    `feature_map` output: the last block's tokens as a grid; `vit_tokens`: the blocks in `taps`
+    with the CLS token. `pretrained=True` takes timm's released weights (a replaced backbone's
+    own source); otherwise weights are random until a checkpoint is loaded.
+    """
+
+    provides = ("feature_map", "vit_tokens")
 
     def __init__(
         self,
@@ -71,10 +78,12 @@ class DINOv2(nn.Module):
         embed_dim: int | None = None,
         depth: int | None = None,
         num_heads: int | None = None,
-        data_config: dict[str, Any] | None = None,
+        taps: tuple[int, ...] = (),
+        output: str | None = None,
+        pretrained: bool = False,
         frozen: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(output)
         overrides = {
             k: v
             for k, v in {"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads}.items()
@@ -87,8 +96,8 @@ class DINOv2(nn.Module):
         elif arch.split(".")[0] not in DINOV2_ARCHS:
             raise ValueError(f"unknown DINOv2 arch {arch!r}; expected one of {DINOV2_ARCHS}")
         self.vit = timm.create_model(
-            arch.split(".")[0],
-            pretrained=False,
+            arch if pretrained else arch.split(".")[0],
+            pretrained=pretrained,
             img_size=IMG_SIZE,
             patch_size=PATCH_SIZE,
             init_values=1e-5,
@@ -99,9 +108,10 @@ class DINOv2(nn.Module):
         if self.vit.num_prefix_tokens != 1 or self.vit.no_embed_class:
             raise ValueError("DINOv2 adapter expects one CLS token and a CLS row in pos_embed")
         self.patch_size = PATCH_SIZE
-        self.out_channels = int(self.vit.embed_dim)
-        self.strides = (PATCH_SIZE,)
-        self.data_config = dict(data_config) if data_config is not None else dict(_IMAGENET)
+        depth = len(self.vit.blocks)
+        self.taps = tuple(int(t) for t in taps) if self.output == "vit_tokens" else (depth - 1,)
+        if not self.taps or max(self.taps) >= depth or min(self.taps) < 0:
+            raise ValueError(f"taps {list(self.taps)} must be block indices of a {depth}-block ViT")
         self._pos_cache: dict[tuple[int, int], tuple[Any, tuple[Any, ...], torch.Tensor]] = {}
         if frozen:
             self.requires_grad_(False)
@@ -145,18 +155,29 @@ class DINOv2(nn.Module):
         self._pos_cache[grid] = (weakref.ref(pos), stamp, table)
         return table
 
-    def forward_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{"tokens": [B, C, H/14, W/14]}: last block output before the final norm, CLS dropped."""
+    @property
+    def feature_info(self) -> FeatureInfo:
+        width = int(self.vit.embed_dim)
+        if self.output == "feature_map":
+            return FeatureInfo("feature_map", ("map",), (width,), (PATCH_SIZE,))
+        n = len(self.taps)
+        keys = tuple(f"block{i}" for i in self.taps)
+        return FeatureInfo("vit_tokens", keys, (width,) * n, (PATCH_SIZE,) * n)
+
+    def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
+        """feature_map: {"map": [B, C, H/14, W/14]}, the last block before the final norm, CLS
+        dropped; vit_tokens: {"block<i>": [B, 1 + gh*gw, C]} per tap, CLS first."""
         gh, gw = self._grid(pixels)
         vit = self.vit
         x = vit.patch_embed.norm(vit.patch_embed.proj(pixels).flatten(2).transpose(1, 2))
         x = torch.cat([vit.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
         x = x + self.position_table((gh, gw)).to(x.dtype)
         x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
-        x = vit.blocks(x)
-        tokens = x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)
-        return {"tokens": tokens}
-
-    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Same as `forward_features`."""
-        return self.forward_features(pixels)
+        out = {}
+        for i, block in enumerate(vit.blocks[: max(self.taps) + 1]):
+            x = block(x)
+            if i in self.taps:
+                out[f"block{i}"] = x
+        if self.output == "feature_map":
+            return {"map": x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, gh, gw)}
+        return out

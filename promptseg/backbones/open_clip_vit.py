@@ -1,8 +1,9 @@
-"""CLIP ViT adapter over open_clip: the residual stream after chosen blocks, and both embeddings.
+"""CLIP ViT adapters over open_clip: the image tower as a backbone, the text tower beside it.
 
-Wraps `open_clip.model.CLIP` built with QuickGELU (OpenAI CLIP), so its state dict carries the
-OpenAI key names. Differences from open_clip's own forward, all required by CLIPSeg:
-- the 14x14 position table is resized bicubically *without* antialias to any square grid;
+Both are open_clip modules built with QuickGELU (OpenAI CLIP), so state dicts carry the OpenAI
+key names (`visual.*` for the image tower; `transformer.*`, `token_embedding`, ... for the text
+tower). Differences from open_clip's own forward, all required by CLIPSeg:
+- the square position table is resized bicubically *without* antialias to any square grid;
 - `forward_features` stops after the deepest tapped block and returns raw tokens (no LayerNorm);
 - text is encoded at the batch's longest length instead of 77 (identical under the causal mask).
 """
@@ -14,12 +15,14 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg, _build_text_tower, _build_vision_tower
 from torch import nn
 
+from ..contracts import FeatureInfo
 from ..registry import register_backbone
+from .base import Backbone
 
-__all__ = ["OpenCLIPViT", "resize_position_embedding"]
+__all__ = ["OpenCLIPViT", "OpenCLIPText", "resize_position_embedding"]
 
 
 def resize_position_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -35,44 +38,90 @@ def resize_position_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
 
 
+def _open_clip_model(arch: str, pretrained: str | None) -> tuple[nn.Module | None, dict]:
+    """(model with a pretrained tag's weights, or None without a tag; its config) by name."""
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(
+            f"open_clip knows no model {arch!r}; see open_clip.list_models() (e.g. 'ViT-B-16')"
+        )
+    model = open_clip.create_model(arch, pretrained=pretrained) if pretrained else None
+    return model, config
+
+
 @register_backbone("open_clip_vit")
-class OpenCLIPViT(nn.Module):
-    """OpenAI-style CLIP ViT (image + text towers) exposing the activations a decoder taps."""
+class OpenCLIPViT(Backbone):
+    """OpenAI-style CLIP image tower exposing the residual stream a decoder taps.
+
+    Built from explicit sizes (`embed_dim`, `width`, `layers`, `heads`, `patch_size`,
+    `image_size`) or from an open_clip model name (`arch`, e.g. "ViT-B-16", with an optional
+    open_clip `pretrained` tag such as "openai"). `vit_tokens` output: the blocks in `taps`;
+    `feature_map` output: the last block's patch tokens as a grid (no final LayerNorm).
+    """
+
+    provides = ("vit_tokens", "feature_map")
 
     def __init__(
         self,
-        embed_dim: int,
-        vision: dict[str, Any],
-        text: dict[str, Any],
-        taps: tuple[int, ...],
-        data_config: dict[str, Any],
+        embed_dim: int | None = None,
+        width: int | None = None,
+        layers: int | None = None,
+        heads: int | None = None,
+        patch_size: int | None = None,
+        image_size: int = 224,
+        *,
+        arch: str | None = None,
+        pretrained: str | None = None,
+        taps: tuple[int, ...] = (),
+        output: str | None = None,
+        frozen: bool = True,
     ) -> None:
-        super().__init__()
-        self.clip = open_clip.model.CLIP(
+        super().__init__(output)
+        tower = None
+        if arch is not None:
+            model, config = _open_clip_model(arch, pretrained)
+            tower = model.visual if model is not None else None
+            vision = config["vision_cfg"]
+            embed_dim, width, layers = config["embed_dim"], vision["width"], vision["layers"]
+            patch_size, image_size = vision["patch_size"], vision["image_size"]
+            heads = width // vision.get("head_width", 64)
+        elif None in (embed_dim, width, layers, heads, patch_size):
+            raise ValueError(
+                "open_clip_vit needs an open_clip `arch` name, or embed_dim, width, layers, "
+                "heads and patch_size"
+            )
+        self.visual = tower or _build_vision_tower(
             embed_dim,
-            vision_cfg=CLIPVisionCfg(
-                width=vision["width"],
-                layers=vision["layers"],
-                head_width=vision["width"] // vision["heads"],
-                patch_size=vision["patch_size"],
-                image_size=vision["image_size"],
+            CLIPVisionCfg(
+                width=width,
+                layers=layers,
+                head_width=width // heads,
+                patch_size=patch_size,
+                image_size=image_size,
             ),
-            text_cfg=CLIPTextCfg(**text),
             quick_gelu=True,
         )
-        if max(taps) >= vision["layers"]:
-            raise ValueError(f"tap {max(taps)} does not exist in a {vision['layers']}-block ViT")
-        self.taps = tuple(taps)
-        self.patch_size = int(vision["patch_size"])
-        self.out_channels = int(vision["width"])
-        self.strides = (self.patch_size,) * len(taps)
-        self.data_config = data_config
-        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=text["context_length"])
-        self.clip.requires_grad_(False)
+        self.taps = tuple(int(t) for t in taps) if self.output == "vit_tokens" else (layers - 1,)
+        if not self.taps or max(self.taps) >= layers or min(self.taps) < 0:
+            raise ValueError(
+                f"taps {list(self.taps)} must be block indices of a {layers}-block ViT"
+            )
+        self.patch_size = int(patch_size)
+        self.width = int(width)
+        if frozen:
+            self.requires_grad_(False)
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        if self.output == "feature_map":
+            return FeatureInfo("feature_map", ("map",), (self.width,), (self.patch_size,))
+        keys = tuple(f"block{i}" for i in self.taps)
+        n = len(keys)
+        return FeatureInfo("vit_tokens", keys, (self.width,) * n, (self.patch_size,) * n)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch + CLS tokens plus the position table resized to the input's grid, after ln_pre."""
-        v = self.clip.visual
+        v = self.visual
         h, w = pixels.shape[-2:]
         if h != w:
             raise ValueError(f"CLIP ViT input must be square, got {h}x{w}")
@@ -82,27 +131,83 @@ class OpenCLIPViT(nn.Module):
         x = x + resize_position_embedding(v.positional_embedding, h // self.patch_size).to(x.dtype)
         return v.ln_pre(x)
 
-    def forward_features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Residual stream [B, 1 + g*g, C] after each tapped block (0-based), CLS first."""
+    def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
+        """vit_tokens: residual stream [B, 1 + g*g, C] after each tapped block, CLS first;
+        feature_map: {"map": [B, C, g, g]} of the last block."""
         x = self._tokens(pixels)
         out = {}
-        for i, block in enumerate(self.clip.visual.transformer.resblocks[: max(self.taps) + 1]):
+        for i, block in enumerate(self.visual.transformer.resblocks[: max(self.taps) + 1]):
             x = block(x)
             if i in self.taps:
                 out[f"block{i}"] = x
+        if self.output == "feature_map":
+            g = pixels.shape[-1] // self.patch_size
+            return {"map": x[:, 1:].transpose(1, 2).reshape(x.shape[0], -1, g, g)}
         return out
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised CLS embedding [B, embed_dim] through all blocks at any size."""
-        v = self.clip.visual
+        v = self.visual
         x = v.transformer(self._tokens(pixels))
         return v.ln_post(x[:, 0]) @ v.proj
+
+
+class OpenCLIPText(nn.Module):
+    """OpenAI-style CLIP text tower (open_clip `TextTransformer`) with CLIP's BPE tokenizer."""
+
+    def __init__(
+        self,
+        embed_dim: int | None = None,
+        width: int | None = None,
+        layers: int | None = None,
+        heads: int | None = None,
+        context_length: int = 77,
+        vocab_size: int = 49408,
+        *,
+        arch: str | None = None,
+        pretrained: str | None = None,
+        frozen: bool = True,
+    ) -> None:
+        super().__init__()
+        model = None
+        if arch is not None:
+            model, config = _open_clip_model(arch, pretrained)
+            text = config["text_cfg"]
+            embed_dim, width, layers = config["embed_dim"], text["width"], text["layers"]
+            heads, context_length = text["heads"], text.get("context_length", 77)
+            vocab_size = text.get("vocab_size", 49408)
+        elif None in (embed_dim, width, layers, heads):
+            raise ValueError(
+                "the CLIP text tower needs an `arch` or embed_dim, width, layers, heads"
+            )
+        cfg = CLIPTextCfg(
+            width=width,
+            layers=layers,
+            heads=heads,
+            context_length=context_length,
+            vocab_size=vocab_size,
+        )
+        tower = _build_text_tower(embed_dim, cfg, quick_gelu=True)
+        if model is not None:  # open_clip's CLIP keeps the text tower's parts at its top level
+            tower.load_state_dict(
+                {k: v for k, v in model.state_dict().items() if k in tower.state_dict()}
+            )
+        self.transformer = tower.transformer
+        self.token_embedding = tower.token_embedding
+        self.positional_embedding = tower.positional_embedding
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
+        self.register_buffer("attn_mask", tower.attn_mask, persistent=False)
+        self.context_length = int(context_length)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=context_length)
+        if frozen:
+            self.requires_grad_(False)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         """BPE ids [B, L], zero-padded to the longest text; a text over the context limit raises."""
         ids = [self.tokenizer.encode(t) for t in texts]
         sot, eot = self.tokenizer.sot_token_id, self.tokenizer.eot_token_id
-        limit = self.clip.context_length - 2
+        limit = self.context_length - 2
         for t, seq in zip(texts, ids, strict=True):
             if len(seq) > limit:
                 raise ValueError(
@@ -114,12 +219,11 @@ class OpenCLIPViT(nn.Module):
             out[row, : len(seq) + 2] = torch.tensor([sot, *seq, eot])
         return out
 
-    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Projected, unnormalised EOT embedding [B, embed_dim] of token ids [B, L <= 77]."""
-        c = self.clip
         length = token_ids.shape[1]
-        x = c.token_embedding(token_ids) + c.positional_embedding[:length]
-        x = c.transformer(x, attn_mask=c.attn_mask[:length, :length].to(x.dtype))
-        x = c.ln_final(x)
+        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
+        x = self.transformer(x, attn_mask=self.attn_mask[:length, :length].to(x.dtype))
+        x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
-        return x @ c.text_projection
+        return x @ self.text_projection

@@ -1,22 +1,107 @@
-"""`promptseg eval ...` and `promptseg bench ...` sub-commands (benchmarks.md §5.1)."""
+"""`promptseg eval ...` and `promptseg bench ...` sub-commands (benchmarks.md §5.1).
+
+Every `eval` command is one row of `EVALS`: its options, the eval function they feed and the
+summary line it prints; `cmd_eval` and `_add_eval` serve them all.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import IO, Any
 
-__all__ = ["add_commands"]
+__all__ = ["EVALS", "add_commands"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One `add_argument` of a command; `keyword`: the keyword argument of the command's function
+    it becomes (None: the command reads it itself, e.g. --model)."""
+
+    flag: str
+    keyword: str | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the value in (--save-preds -> save_preds)."""
+        return self.flag.removeprefix("--").replace("-", "_")
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        """Declare this option on `parser`."""
+        parser.add_argument(self.flag, **self.settings)
+
+
+def _arg(flag: str, keyword: str | None = None, **settings: Any) -> Option:
+    """An option passed on to the command's function, by default as the keyword `dest` names."""
+    option = Option(flag, keyword, settings)
+    return option if keyword else replace(option, keyword=option.dest)
+
+
+def _own(flag: str, **settings: Any) -> Option:
+    """An option the command reads itself (model loading, fold expansion)."""
+    return Option(flag, None, settings)
+
+
+Summary = Callable[[argparse.Namespace, str, dict[str, Any]], str]
+"""(args, model name, result dict) -> the line(s) an eval command prints per run."""
+
+
+@dataclass(frozen=True)
+class EvalCommand:
+    """One `promptseg eval NAME`: help texts, options, eval function and summary line."""
+
+    help: str
+    description: str
+    function: str  # "<module of promptseg.bench>:<function>", imported when the command runs
+    options: tuple[Option, ...]
+    summary: Summary
+    runs: Callable[[argparse.Namespace], Iterable[dict[str, Any]]] = lambda args: [{}]
+    """Keyword arguments of each eval call (fss: one call per fold of `--fold all`)."""
+
+
+FSS_DATASET = _arg(
+    "--dataset", required=True, choices=["pascal5i", "coco20i", "fss1000", "lvis92i"]
+)
+SPLITS_DIR = _arg("--splits-dir", help="a folder laid out like hsnet's data/splits/")
+SEED = _arg("--seed", type=int, default=0)
+TRUST_PICKLE = _arg(
+    "--trust-pickle",
+    action="store_true",
+    help="unpickle split files of unknown sha256 (once: the hash is recorded)",
+)
+SHOTS = _arg("--shots", type=int, default=1)
+
+COMMON = (
+    _own("--model", required=True, help="model name (arch.tag)"),
+    _arg("--data-root", required=True, help="folder holding the dataset (real layout)"),
+    _own("--checkpoint", help="weights file instead of the cache/hub"),
+    _own("--device", help="cpu, cuda, ... (default cpu)"),
+    _own("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32"),
+    _own("--no-tf32", action="store_true", help="disable TF32 (parity runs)"),
+    _own(
+        "--config",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override the model's config: dotted key, YAML value (repeatable), e.g. head.layers=2",
+    ),
+    _arg("--out", default="runs", help="results root (default ./runs)"),
+    _arg("--resume", action="store_true", help="continue an interrupted run"),
+)
+"""Options every `eval` command takes, after its own."""
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    """The model of `--model`, with `weights_sha256` set for the result JSON."""
+    """The model of `--model` (with `--config` overrides), `weights_sha256` set for the JSON."""
     import torch
 
+    from ..overrides import parse_key_values
     from ..zoo import create_model, model_info
     from .runner import DTYPE_NAMES, weights_sha256
 
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
-    if getattr(args, "no_tf32", False):
+    if args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     pretrained = bool(model_info(args.model).weights) or args.checkpoint is not None
@@ -26,44 +111,12 @@ def _load_model(args: argparse.Namespace) -> Any:
         checkpoint_path=args.checkpoint,
         device=args.device,
         dtype=dtypes[args.dtype],
+        config=parse_key_values(args.config),
     )
     model.weights_sha256 = weights_sha256(
         model.card, checkpoint_path=args.checkpoint, pretrained=pretrained
     )
     return model
-
-
-def cmd_eval_fss(args: argparse.Namespace) -> int:
-    from .fss import eval_fss
-
-    model = _load_model(args)
-    folds = _folds(args.dataset, args.fold)
-    for fold in folds:
-        result = eval_fss(
-            model,
-            dataset=args.dataset,
-            fold=fold,
-            shots=args.shots,
-            data_root=args.data_root,
-            splits_dir=args.splits_dir,
-            seed=args.seed,
-            episodes=args.episodes,
-            resolution=args.resolution,
-            threshold=args.threshold,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            out=args.out,
-            resume=args.resume,
-            save_preds=args.save_preds,
-            trust_pickle=args.trust_pickle,
-        )
-        m = result["metrics"]
-        print(
-            f"fss {args.dataset} fold {result['fold']} {args.shots}-shot {model.card.name}: "
-            f"mIoU {m['mIoU']:.2f}  FB-IoU {m['FB-IoU']:.2f}  ({result['n_episodes']} episodes, "
-            f"digest {result['episode_digest'][:12]})"
-        )
-    return 0
 
 
 def _folds(dataset: str, fold: str) -> list[int | str]:
@@ -75,149 +128,200 @@ def _folds(dataset: str, fold: str) -> list[int | str]:
     return list(range({"pascal5i": 4, "coco20i": 4, "lvis92i": 10}[dataset]))
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    """Options every `eval` command takes."""
-    p.add_argument("--model", required=True, help="model name (arch.tag)")
-    p.add_argument("--data-root", required=True, help="folder holding the dataset (real layout)")
-    p.add_argument("--checkpoint", help="weights file instead of the cache/hub")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
-    p.add_argument("--no-tf32", action="store_true", help="disable TF32 (parity runs)")
-    p.add_argument("--out", default="runs", help="results root (default ./runs)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+def _line(template: str) -> Summary:
+    """A summary from a str.format template over args, name (model), r (result), m (metrics)."""
+    return lambda args, name, r: template.format(args=args, name=name, r=r, m=r["metrics"])
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register `eval` and `bench` with their own sub-commands on the main parser."""
-    p_eval = sub.add_parser("eval", help="Evaluate a model on a benchmark (writes result.json).")
-    eval_sub = p_eval.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
-
-    p = eval_sub.add_parser(
-        "fss",
-        help="Few-shot semantic segmentation (PASCAL-5i, COCO-20i, FSS-1000, LVIS-92i).",
-        description="Few-shot semantic segmentation: hsnet episodes, mIoU and FB-IoU.",
-    )
-    p.add_argument(
-        "--dataset", required=True, choices=["pascal5i", "coco20i", "fss1000", "lvis92i"]
-    )
-    p.add_argument("--fold", default="0", help="fold number or 'all' (FSS-1000: 0 / test)")
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--splits-dir", help="a folder laid out like hsnet's data/splits/")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--episodes", type=int, help="first N episodes only (smoke runs)")
-    p.add_argument("--resolution", choices=["model", "original"], default="model")
-    p.add_argument("--threshold", type=float, help="the model's threshold (default: the tag's)")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=1,
-        help="support sets of B episodes encoded per encode_prompt call; queries are decoded "
-        "one at a time (default 1)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="threads reading the episodes' images ahead of the model (default 0: inline)",
-    )
-    p.add_argument("--save-preds", action="store_true", help="write one PNG per episode")
-    p.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="unpickle split files of unknown sha256 (once: the hash is recorded)",
-    )
-    _common(p)
-    p.set_defaults(func=cmd_eval_fss)
-
-    _add_vos_refer_bench(sub, eval_sub)  # eval vos, eval refer, bench episodes/verify-splits/...
-    _add_ovseg_fsis_report(sub, eval_sub)  # eval ovseg, eval fsis, bench report
-    add_suite_runner(sub)  # bench run
-    _add_perseg(eval_sub)  # eval perseg
-
-
-# ------------------------------------------------------------------------------------------------
-# eval perseg
-
-
-def cmd_eval_perseg(args: argparse.Namespace) -> int:
-    from .perseg import eval_perseg
-
-    model = _load_model(args)
-    result = eval_perseg(
-        model,
-        data_root=args.data_root,
-        out=args.out,
-        resume=args.resume,
-        save_preds=args.save_preds,
-    )
-    m = result["metrics"]
-    print(
-        f"perseg {model.card.name}: mIoU {m['mIoU']:.2f}  mAcc {m['mAcc']:.2f}  "
-        f"({result['n_objects']} objects, {result['n_images']} query images)"
-    )
-    return 0
-
-
-def _add_perseg(eval_sub: argparse._SubParsersAction) -> None:
-    p = eval_sub.add_parser(
-        "perseg",
-        help="One-shot personalised segmentation (PerSeg, Personalize-SAM mIoU / mAcc).",
-        description="PerSeg: image 00 and its mask are the prompt; every other image of the "
-        "object is scored at its original size; mIoU / mAcc = mean over objects.",
-    )
-    p.add_argument(
-        "--save-preds", action="store_true", help="write <run>/preds/<object>/<nn>.png (0/255)"
-    )
-    _common(p)
-    p.set_defaults(func=cmd_eval_perseg)
-
-
-# ------------------------------------------------------------------------------------------------
-# eval vos, eval refer, bench episodes | verify-splits | make-mini
-
-
-def cmd_eval_vos(args: argparse.Namespace) -> int:
-    from .vos import eval_vos
-
-    model = _load_model(args)
-    result = eval_vos(
-        model,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        out=args.out,
-        resume=args.resume,
-        save_pngs=args.save_pngs,
-    )
-    m = result["metrics"]
-    print(
-        f"vos {args.dataset} {model.card.name}: J&F {m['J&F-Mean']:.2f}  J {m['J-Mean']:.2f}  "
-        f"F {m['F-Mean']:.2f}  ({result['n_sequences']} sequences, {result['n_objects']} objects)"
-    )
-    return 0
-
-
-def cmd_eval_refer(args: argparse.Namespace) -> int:
-    from .refer import eval_refer
-
-    model = _load_model(args)
-    result = eval_refer(
-        model,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        thresholds=args.thresholds,
-        out=args.out,
-        resume=args.resume,
-    )
+def _refer_summary(args: argparse.Namespace, name: str, result: dict[str, Any]) -> str:
+    """Each fixed threshold's mIoU / IoU_FG, AP and the oracle threshold."""
     m, o = result["metrics"], result["oracle"]
     fixed = "  ".join(
         f"t={t:g}: mIoU {m[f'mIoU@{t:g}']:.2f} IoU_FG {m[f'IoU_FG@{t:g}']:.2f}"
         for t in result["protocol"]["thresholds"]
     )
-    print(
-        f"refer {args.dataset} {model.card.name}: {fixed}  AP {m['AP']:.2f}  "
+    return (
+        f"refer {args.dataset} {name}: {fixed}  AP {m['AP']:.2f}  "
         f"(oracle: mIoU {o['mIoU']:.2f} at t={o['mIoU_t']:g}; {result['n_samples']} samples)"
     )
+
+
+def _ovseg_summary(args: argparse.Namespace, name: str, result: dict[str, Any]) -> str:
+    """PQ / AP / mIoU of the tasks run, and a second line naming the skipped tasks, if any."""
+    m = result["metrics"]
+    shown = "  ".join(f"{k} {m[k]:.2f}" for k in ("PQ", "AP", "mIoU") if k in m)
+    skipped = "; ".join(f"{k} skipped: {v}" for k, v in result["skipped_tasks"].items())
+    line = f"ovseg {args.dataset} {name}: {shown}  ({result['n_images']} images)"
+    return f"{line}\n{skipped}" if skipped else line
+
+
+def _fsis_summary(args: argparse.Namespace, name: str, result: dict[str, Any]) -> str:
+    """Seed-mean novel-class segm AP and AP50."""
+    m = result["metrics"]
+    return (
+        f"fsis {args.dataset} {args.shots}-shot {name}: segm nAP {m['AP']:.2f}  "
+        f"AP50 {m['AP50']:.2f}  (mean of {len(result['seeds'])} seeds)"
+    )
+
+
+EVALS: dict[str, EvalCommand] = {
+    "fss": EvalCommand(
+        help="Few-shot semantic segmentation (PASCAL-5i, COCO-20i, FSS-1000, LVIS-92i).",
+        description="Few-shot semantic segmentation: hsnet episodes, mIoU and FB-IoU.",
+        function="fss:eval_fss",
+        options=(
+            FSS_DATASET,
+            _own("--fold", default="0", help="fold number or 'all' (FSS-1000: 0 / test)"),
+            SHOTS,
+            SPLITS_DIR,
+            SEED,
+            _arg("--episodes", type=int, help="first N episodes only (smoke runs)"),
+            _arg("--resolution", choices=["model", "original"], default="model"),
+            _arg("--threshold", type=float, help="the model's threshold (default: the tag's)"),
+            _arg(
+                "--batch-size",
+                type=int,
+                default=1,
+                help="support sets of B episodes encoded per encode_prompt call; queries are "
+                "decoded one at a time (default 1)",
+            ),
+            _arg(
+                "--workers",
+                type=int,
+                default=0,
+                help="threads reading the episodes' images ahead of the model (default 0: inline)",
+            ),
+            _arg("--save-preds", action="store_true", help="write one PNG per episode"),
+            TRUST_PICKLE,
+        ),
+        summary=_line(
+            "fss {args.dataset} fold {r[fold]} {args.shots}-shot {name}: mIoU {m[mIoU]:.2f}  "
+            "FB-IoU {m[FB-IoU]:.2f}  ({r[n_episodes]} episodes, digest {r[episode_digest]:.12})"
+        ),
+        runs=lambda args: [{"fold": fold} for fold in _folds(args.dataset, args.fold)],
+    ),
+    "vos": EvalCommand(
+        help="Semi-supervised video object segmentation (DAVIS-2017 / DAVIS-2016 val).",
+        description="DAVIS J&F: indexed PNGs per frame, per-object J/F (DAVIS-16: SINE's "
+        "merged-objects variant).",
+        function="vos:eval_vos",
+        options=(
+            _arg("--dataset", required=True, choices=["davis17-val", "davis16-val"]),
+            _arg("--save-pngs", action="store_true", help="keep <run>/pngs after scoring"),
+        ),
+        summary=_line(
+            "vos {args.dataset} {name}: J&F {m[J&F-Mean]:.2f}  J {m[J-Mean]:.2f}  "
+            "F {m[F-Mean]:.2f}  ({r[n_sequences]} sequences, {r[n_objects]} objects)"
+        ),
+    ),
+    "refer": EvalCommand(
+        help="Referring segmentation (PhraseCut test, CLIPSeg metrics).",
+        description="PhraseCut test: mIoU (per phrase), IoU_FG (cumulative), AP; best "
+        "thresholds reported as 'oracle'.",
+        function="refer:eval_refer",
+        options=(
+            _arg("--dataset", required=True, choices=["phrasecut-test"]),
+            _arg("--thresholds", default="paper", help="'paper' (t=0.3) or a list like 0.3,0.5"),
+        ),
+        summary=_refer_summary,
+    ),
+    "ovseg": EvalCommand(
+        help="Open-vocabulary panoptic / instance / semantic (ODISE: COCO, ADE, A-847, PC, PAS).",
+        description="PQ (panopticapi), mask AP (COCOeval segm), mIoU (detectron2) with the "
+        "dataset's class names as vocabulary.",
+        function="ovseg:eval_ovseg",
+        options=(
+            _arg(
+                "--dataset",
+                required=True,
+                choices=["coco-panoptic", "ade150", "ade847", "pc59", "pc459", "pas21"],
+            ),
+            _arg("--tasks", default="pq,ap,miou", help="comma list of pq, ap, miou"),
+            _arg(
+                "--vocabulary",
+                "vocabulary_file",
+                help="class names file, one class per line (synonyms: a,b)",
+            ),
+            _arg("--images", type=int, help="first N images only (smoke runs)"),
+        ),
+        summary=_ovseg_summary,
+    ),
+    "fsis": EvalCommand(
+        help="Few-shot instance segmentation (COCO-NOVEL, COCO2VOC), mean over seeds.",
+        description="TFA shots, novel-class segm AP (COCOeval; box AP from mask boxes), seed mean.",
+        function="fsis:eval_fsis",
+        options=(
+            _arg("--dataset", required=True, choices=["coco-novel", "coco2voc"]),
+            SHOTS,
+            _arg("--seeds", default="0-9", help="'0-9' or a comma list"),
+            _arg("--images", type=int, help="first N test images only (smoke runs)"),
+        ),
+        summary=_fsis_summary,
+    ),
+    "perseg": EvalCommand(
+        help="One-shot personalised segmentation (PerSeg, Personalize-SAM mIoU / mAcc).",
+        description="PerSeg: image 00 and its mask are the prompt; every other image of the "
+        "object is scored at its original size; mIoU / mAcc = mean over objects.",
+        function="perseg:eval_perseg",
+        options=(
+            _arg(
+                "--save-preds",
+                action="store_true",
+                help="write <run>/preds/<object>/<nn>.png (0/255)",
+            ),
+        ),
+        summary=_line(
+            "perseg {name}: mIoU {m[mIoU]:.2f}  mAcc {m[mAcc]:.2f}  "
+            "({r[n_objects]} objects, {r[n_images]} query images)"
+        ),
+    ),
+}
+"""`promptseg eval NAME` -> its command, in the order `promptseg eval --help` lists them."""
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Load the model, call the benchmark's eval function per run, print each summary line."""
+    import importlib
+
+    spec = EVALS[args.benchmark]
+    module, _, name = spec.function.partition(":")
+    evaluate = getattr(importlib.import_module(f".{module}", __package__), name)
+    model = _load_model(args)
+    options = _keywords(args, (*spec.options, *COMMON))
+    for run in spec.runs(args):
+        print(spec.summary(args, model.card.name, evaluate(model, **options, **run)))
     return 0
+
+
+def _keywords(args: argparse.Namespace, options: Iterable[Option]) -> dict[str, Any]:
+    """The keyword arguments `options` become, with the values argparse put in `args`."""
+    return {o.keyword: getattr(args, o.dest) for o in options if o.keyword}
+
+
+def _add_eval(eval_sub: argparse._SubParsersAction, name: str, spec: EvalCommand) -> None:
+    """`promptseg eval NAME`: its own options, then the common ones."""
+    p = eval_sub.add_parser(name, help=spec.help, description=spec.description)
+    for option in (*spec.options, *COMMON):
+        option.add_to(p)
+    p.set_defaults(func=cmd_eval)
+
+
+# ------------------------------------------------------------------------------------------------
+# bench episodes | verify-splits | make-mini | report | run
+
+
+EPISODES_OPTIONS = (
+    FSS_DATASET,
+    _arg("--fold", required=True, help="fold number (FSS-1000: test)"),
+    _arg("--shots", type=int, required=True),
+    SEED,
+    _arg("--episodes", "n", type=int, help="first N episodes only"),
+    SPLITS_DIR,
+    _arg("--data-root", help="dataset root (FSS-1000 / LVIS-92i)"),
+    TRUST_PICKLE,
+    _arg("--out", help="write the episodes TSV here (e.g. episodes.tsv)"),
+)
+"""`bench episodes`: the options, and the keyword arguments of `episodes_tsv` they become."""
 
 
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
@@ -225,17 +329,7 @@ def cmd_bench_episodes(args: argparse.Namespace) -> int:
 
     from .tools import episodes_tsv
 
-    digest, n = episodes_tsv(
-        args.dataset,
-        args.fold,
-        args.shots,
-        seed=args.seed,
-        n=args.episodes,
-        splits_dir=args.splits_dir,
-        data_root=args.data_root,
-        trust_pickle=args.trust_pickle,
-        out=args.out,
-    )
+    digest, n = episodes_tsv(**_keywords(args, EPISODES_OPTIONS))
     print(digest)
     where = f" -> {args.out}" if args.out else ""
     print(
@@ -266,59 +360,77 @@ def cmd_bench_make_mini(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_subparsers(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The `bench` parser's sub-commands (created here unless already registered)."""
-    p_bench = sub.choices.get("bench")
-    if p_bench is None:
-        p_bench = sub.add_parser("bench", help="Benchmark tools (episodes, splits, mini data).")
-    for action in p_bench._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return p_bench.add_subparsers(dest="tool", required=True, metavar="TOOL")
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    from .report import main_report
 
-
-def _add_vos_refer_bench(
-    sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction
-) -> None:
-    p = eval_sub.add_parser(
-        "vos",
-        help="Semi-supervised video object segmentation (DAVIS-2017 / DAVIS-2016 val).",
-        description="DAVIS J&F: indexed PNGs per frame, per-object J/F (DAVIS-16: SINE's "
-        "merged-objects variant).",
+    return main_report(
+        args.results,
+        reference=args.reference,
+        fmt=args.format,
+        chart=args.chart,
+        output=args.output,
+        gate=args.gate,
     )
-    p.add_argument("--dataset", required=True, choices=["davis17-val", "davis16-val"])
-    p.add_argument("--save-pngs", action="store_true", help="keep <run>/pngs after scoring")
-    _common(p)
-    p.set_defaults(func=cmd_eval_vos)
 
-    p = eval_sub.add_parser(
-        "refer",
-        help="Referring segmentation (PhraseCut test, CLIPSeg metrics).",
-        description="PhraseCut test: mIoU (per phrase), IoU_FG (cumulative), AP; best "
-        "thresholds reported as 'oracle'.",
-    )
-    p.add_argument("--dataset", required=True, choices=["phrasecut-test"])
-    p.add_argument("--thresholds", default="paper", help="'paper' (t=0.3) or a list like 0.3,0.5")
-    _common(p)
-    p.set_defaults(func=cmd_eval_refer)
 
-    bench = _bench_subparsers(sub)
+def cmd_bench_run(args: argparse.Namespace) -> int:
+    """Run each suite line as `python -m promptseg ...` in a fresh process, so that nothing a run
+    sets process-wide (TF32 flags, caches, RNG state) reaches the next one."""
+    from .tools import suite_commands
+
+    variables = dict(v.split("=", 1) for v in args.set or [])
+    if args.data_root:
+        variables["DATA_ROOT"] = args.data_root
+    commands = suite_commands(args.suite, variables)
+    failed = 0
+    for i, argv in enumerate(commands, 1):
+        extra = ["--out", args.out] if args.out else []
+        print(f"[{i}/{len(commands)}] promptseg {' '.join(argv + extra)}", flush=True)
+        if not args.dry_run and _run_promptseg([*argv, *extra]) != 0:
+            failed += 1
+    print(f"{len(commands) - failed} of {len(commands)} runs succeeded")
+    return 1 if failed else 0
+
+
+def _run_promptseg(argv: list[str]) -> int:
+    """Exit status of `python -m promptseg ARGV`, its output copied to ours as it comes."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    command = [sys.executable, "-m", "promptseg", *argv]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines as they are printed, not at exit
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as run:
+        copies = [
+            threading.Thread(target=_copy_output, args=(run.stdout, sys.stdout)),
+            threading.Thread(target=_copy_output, args=(run.stderr, sys.stderr)),
+        ]
+        for thread in copies:
+            thread.start()
+        for thread in copies:
+            thread.join()
+        return run.wait()
+
+
+def _copy_output(pipe: IO[bytes], stream: IO[str]) -> None:
+    """Copy a child's output pipe to a text stream chunk by chunk (progress bars included)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for chunk in iter(lambda: pipe.read1(1 << 16), b""):
+        stream.write(decoder.decode(chunk))
+        stream.flush()
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """`promptseg bench` and its tools: episodes, verify-splits, make-mini, report, run."""
+    p_bench = sub.add_parser("bench", help="Benchmark tools (episodes, splits, mini data).")
+    bench = p_bench.add_subparsers(dest="tool", required=True, metavar="TOOL")
+
     p = bench.add_parser("episodes", help="Write the reference episodes and print their digest.")
-    p.add_argument(
-        "--dataset", required=True, choices=["pascal5i", "coco20i", "fss1000", "lvis92i"]
-    )
-    p.add_argument("--fold", required=True, help="fold number (FSS-1000: test)")
-    p.add_argument("--shots", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--episodes", type=int, help="first N episodes only")
-    p.add_argument("--splits-dir", help="a folder laid out like hsnet's data/splits/")
-    p.add_argument("--data-root", help="dataset root (FSS-1000 / LVIS-92i)")
-    p.add_argument(
-        "--trust-pickle",
-        action="store_true",
-        help="unpickle split files of unknown sha256 (once: the hash is recorded)",
-    )
-    p.add_argument("--out", help="write the episodes TSV here (e.g. episodes.tsv)")
+    for option in EPISODES_OPTIONS:
+        option.add_to(p)
     p.set_defaults(func=cmd_bench_episodes)
 
     p = bench.add_parser("verify-splits", help="sha256 of your split files vs hsnet's.")
@@ -337,106 +449,9 @@ def _add_vos_refer_bench(
     p = bench.add_parser("make-mini", help="Write the miniature CI datasets.")
     p.add_argument("--out", required=True, help="data root to write")
     p.add_argument("--datasets", default="all", help="'all' or a comma-separated list")
-    p.add_argument("--seed", type=int, default=0)
+    SEED.add_to(p)
     p.set_defaults(func=cmd_bench_make_mini)
 
-
-# ------------------------------------------------------------------------------------------------
-# eval ovseg, eval fsis, bench report
-
-
-def cmd_eval_ovseg(args: argparse.Namespace) -> int:
-    from .ovseg import eval_ovseg
-
-    model = _load_model(args)
-    result = eval_ovseg(
-        model,
-        dataset=args.dataset,
-        data_root=args.data_root,
-        tasks=args.tasks,
-        vocabulary_file=args.vocabulary,
-        images=args.images,
-        out=args.out,
-        resume=args.resume,
-    )
-    shown = "  ".join(
-        f"{k} {result['metrics'][k]:.2f}" for k in ("PQ", "AP", "mIoU") if k in result["metrics"]
-    )
-    skipped = "; ".join(f"{k} skipped: {v}" for k, v in result["skipped_tasks"].items())
-    print(f"ovseg {args.dataset} {model.card.name}: {shown}  ({result['n_images']} images)")
-    if skipped:
-        print(skipped)
-    return 0
-
-
-def cmd_eval_fsis(args: argparse.Namespace) -> int:
-    from .fsis import eval_fsis
-
-    model = _load_model(args)
-    result = eval_fsis(
-        model,
-        dataset=args.dataset,
-        shots=args.shots,
-        seeds=args.seeds,
-        data_root=args.data_root,
-        images=args.images,
-        out=args.out,
-        resume=args.resume,
-    )
-    m = result["metrics"]
-    print(
-        f"fsis {args.dataset} {args.shots}-shot {model.card.name}: segm nAP {m['AP']:.2f}  "
-        f"AP50 {m['AP50']:.2f}  (mean of {len(result['seeds'])} seeds)"
-    )
-    return 0
-
-
-def cmd_bench_report(args: argparse.Namespace) -> int:
-    from .report import main_report
-
-    return main_report(
-        args.results,
-        reference=args.reference,
-        fmt=args.format,
-        chart=args.chart,
-        output=args.output,
-        gate=args.gate,
-    )
-
-
-def _add_ovseg_fsis_report(
-    sub: argparse._SubParsersAction, eval_sub: argparse._SubParsersAction
-) -> None:
-    p = eval_sub.add_parser(
-        "ovseg",
-        help="Open-vocabulary panoptic / instance / semantic (ODISE: COCO, ADE, A-847, PC, PAS).",
-        description="PQ (panopticapi), mask AP (COCOeval segm), mIoU (detectron2) with the "
-        "dataset's class names as vocabulary.",
-    )
-    p.add_argument(
-        "--dataset",
-        required=True,
-        choices=["coco-panoptic", "ade150", "ade847", "pc59", "pc459", "pas21"],
-    )
-    p.add_argument("--tasks", default="pq,ap,miou", help="comma list of pq, ap, miou")
-    p.add_argument("--vocabulary", help="class names file, one class per line (synonyms: a,b)")
-    p.add_argument("--images", type=int, help="first N images only (smoke runs)")
-    _common(p)
-    p.set_defaults(func=cmd_eval_ovseg)
-
-    p = eval_sub.add_parser(
-        "fsis",
-        help="Few-shot instance segmentation (COCO-NOVEL, COCO2VOC), mean over seeds.",
-        description="TFA shots, novel-class segm AP (COCOeval; box AP from mask boxes), seed mean.",
-    )
-    p.add_argument("--dataset", required=True, choices=["coco-novel", "coco2voc"])
-    p.add_argument("--shots", type=int, default=1)
-    p.add_argument("--seeds", default="0-9", help="'0-9' or a comma list")
-    p.add_argument("--images", type=int, help="first N test images only (smoke runs)")
-    _common(p)
-    p.set_defaults(func=cmd_eval_fsis)
-
-    bench = _bench_subparsers(sub)
     p = bench.add_parser("report", help="Comparison table of result.json files vs reference.")
     p.add_argument("results", nargs="+", help="result.json files (or folders searched for them)")
     p.add_argument("--reference", help="reference.yaml (default: benchmarks/reference.yaml)")
@@ -446,33 +461,19 @@ def _add_ovseg_fsis_report(
     p.add_argument("--gate", action="store_true", help="exit 1 if a reference.yaml gate fails")
     p.set_defaults(func=cmd_bench_report)
 
-
-def cmd_bench_run(args: argparse.Namespace) -> int:
-    from ..cli import main
-    from .tools import suite_commands
-
-    variables = dict(v.split("=", 1) for v in args.set or [])
-    if args.data_root:
-        variables["DATA_ROOT"] = args.data_root
-    commands = suite_commands(args.suite, variables)
-    failed = 0
-    for i, argv in enumerate(commands, 1):
-        extra = ["--out", args.out] if args.out else []
-        print(f"[{i}/{len(commands)}] promptseg {' '.join(argv + extra)}", flush=True)
-        if not args.dry_run and main(argv + extra) != 0:
-            failed += 1
-    print(f"{len(commands) - failed} of {len(commands)} runs succeeded")
-    return 1 if failed else 0
-
-
-def add_suite_runner(sub: argparse._SubParsersAction) -> None:
-    """`promptseg bench run SUITE.yaml`: every eval invocation a paper table needs, in order."""
-    p = _bench_subparsers(sub).add_parser(
-        "run", help="Run every eval of a suite file (benchmarks/suites/*.yaml)."
-    )
+    p = bench.add_parser("run", help="Run every eval of a suite file (benchmarks/suites/*.yaml).")
     p.add_argument("suite", help="suite YAML with a `runs:` list of promptseg eval commands")
     p.add_argument("--data-root", help="value of ${DATA_ROOT} in the suite")
     p.add_argument("--set", action="append", metavar="VAR=VALUE", help="other ${VAR} values")
     p.add_argument("--out", help="results root passed to every run (default: each run's own)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.set_defaults(func=cmd_bench_run)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register `eval` and `bench` with their own sub-commands on the main parser."""
+    p_eval = sub.add_parser("eval", help="Evaluate a model on a benchmark (writes result.json).")
+    eval_sub = p_eval.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, spec in EVALS.items():
+        _add_eval(eval_sub, name, spec)
+    _add_bench(sub)

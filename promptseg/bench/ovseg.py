@@ -1,7 +1,8 @@
 """`promptseg eval ovseg`: open-vocabulary PQ / mask AP / mIoU (ODISE protocol, §1.7-1.9).
 
 One vocabulary per dataset (its class names and thing flags), images in ascending file name
-(§2.5). Per image and task the model segments at the matching level:
+(§2.5). Per image the model segments ONCE at level "all" (a Mask2Former-like family yields every
+level from one set of mask logits); each task reads the masks of its level from that result:
 
 - `pq`   level "panoptic": id map + segments_info written as panopticapi PNG + JSON, scored with
          `pq_compute` (GT JSON areas, P13); per-category tp/fp/fn/iou_sum kept as accumulators.
@@ -43,6 +44,8 @@ __all__ = ["OVSEG_DATASETS", "TASKS", "eval_ovseg", "read_vocabulary_file"]
 
 OVSEG_DATASETS = ("coco-panoptic", "ade150", "ade847", "pc59", "pc459", "pas21")
 TASKS = ("pq", "ap", "miou")
+TASK_LEVELS = {"pq": "panoptic", "ap": "instance", "miou": "semantic"}
+"""The output level each task scores (masks of other levels in the result are ignored)."""
 NONE_CLASS = "<none>"
 
 
@@ -130,6 +133,12 @@ def eval_ovseg(
     wanted = _parse_tasks(tasks)
     data = _Data(dataset, Path(data_root), wanted)
     tasks_run = [t for t in wanted if t not in data.skipped]
+    missing = [t for t in tasks_run if TASK_LEVELS[t] not in model.levels]
+    if missing:
+        raise ValueError(
+            f"{model.card.name} has no {TASK_LEVELS[missing[0]]!r} output, which --tasks "
+            f"{missing[0]} scores; its levels: {list(model.levels)}"
+        )
     classes: list[Any] = list(data.names)
     if vocabulary_file is not None:
         classes = read_vocabulary_file(vocabulary_file)
@@ -176,8 +185,8 @@ def eval_ovseg(
     for image_id, image_path, item in progress.iterate(
         items, len(items), state, desc=f"ovseg {dataset}"
     ):
+        result = model.segment(image_path, vocab, level="all")
         if "pq" in tasks_run:
-            result = model.segment(image_path, vocab, level="panoptic")
             ann = _panoptic_prediction(result, data.category_ids, image_id, item, pred_dir)
             assert data.panoptic is not None
             pq_stat.merge(
@@ -192,12 +201,12 @@ def eval_ovseg(
             )
             pq_annotations.append(ann)
         if evaluator is not None:
-            result = model.segment(image_path, vocab, level="semantic")
             gt = data.semantic_gt(item)
-            evaluator.update(_label_map(result, data.sem_index, k, gt.shape), gt)
+            semantic = _at_level(result, "semantic")
+            evaluator.update(_label_map(semantic, data.sem_index, k, gt.shape), gt)
         if "ap" in tasks_run:
-            result = model.segment(image_path, vocab, level="instance")
-            detections.extend(_detections(result, data.category_ids, data.things, image_id))
+            instances = _at_level(result, "instance")
+            detections.extend(_detections(instances, data.category_ids, data.things, image_id))
 
     metrics: dict[str, Any] = {}
     per_class: dict[str, Any] = {}
@@ -278,6 +287,11 @@ def eval_ovseg(
     }
     progress.finish()
     return write_result(directory, payload, timing_total, len(items), "image")
+
+
+def _at_level(result: Any, level: str) -> Any:
+    """The masks of one output level of a level="all" result."""
+    return result.select([lv == level for lv in result.level])
 
 
 def _id_map(result: Any) -> np.ndarray:

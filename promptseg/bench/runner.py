@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
+from ..jsonable import to_jsonable
+
 __all__ = [
     "SCHEMA_VERSION",
     "Progress",
@@ -64,19 +66,9 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1, default=_jsonable)
+        json.dump(to_jsonable(payload), f, indent=1)
         f.write("\n")
     os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, set):
-        return sorted(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 class Progress:
@@ -233,7 +225,7 @@ def encode_prompts(
     lists = [model.prepare_prompts(p) for p in prompts]
     flat = [p for group in lists for p in group]
     with torch.inference_mode():
-        embeddings = model.embed_prompt(flat, model.check_level(level))
+        embeddings = model.encode_prompt(flat, model.check_level(level))
     if len(lists) == 1:
         return [(lists[0], embeddings)]
     if not isinstance(embeddings, list | tuple | torch.Tensor) or len(embeddings) != len(flat):

@@ -13,7 +13,6 @@ Models with a video memory get the per-dataset memory size of SINE's evaluation 
 from __future__ import annotations
 
 import inspect
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from PIL import Image
 
 from ..data.dense import DAVIS_VOID, DavisDataset, load_label_png
 from ..imageio import save_label_png
-from ..metrics.davis import db_statistics, evaluate_davis, f_measure, j_measure
+from ..metrics.davis import MEASURES, evaluate_davis, object_scores, summarize
 from ..transforms import resize_mask
 from .runner import (
     SCHEMA_VERSION,
@@ -42,7 +41,6 @@ VOS_MEMORY = {"davis17-val": 6, "davis16-val": 2}
 """Frames per object memory (first-frame GT included), SINE `eval_vos.py` `num_frame`."""
 PER_FRAME = ("frames", "J", "F")
 """Per-object per-frame scores (frames 1 .. n-2): the accumulators every measure derives from."""
-MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
 def _first_mask_2017(data: DavisDataset, seq: str) -> np.ndarray:
@@ -107,36 +105,8 @@ def _evaluate_merged(data: DavisDataset, res_dir: Path, sequences: list[str]) ->
         res = np.stack([load_label_png(res_dir / seq / f"{f}.png") for f in frames]) > 0
         if res.shape != gt.shape:
             raise ValueError(f"{seq}: result size {res.shape[1:]} differs from GT {gt.shape[1:]}")
-        j = np.asarray(j_measure(gt, res))
-        f = np.asarray(f_measure(gt, res))
-        jm, jr, jd = db_statistics(j)
-        fm, fr, fd = db_statistics(f)
-        rows.append(
-            {
-                "sequence": seq,
-                "object": 1,
-                "name": f"{seq}_1",
-                "J-Mean": jm,
-                "J-Recall": jr,
-                "J-Decay": jd,
-                "F-Mean": fm,
-                "F-Recall": fr,
-                "F-Decay": fd,
-                "frames": frames,
-                "J": j.tolist(),
-                "F": f.tolist(),
-            }
-        )
-
-    def avg(key: str) -> float:
-        return float(np.mean([r[key] for r in rows])) if rows else math.nan
-
-    out: dict[str, Any] = {m: avg(m) for m in MEASURES[1:]}
-    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2.0, **out}
-    out["n_objects"] = len(rows)
-    out["sequences"] = sequences
-    out["per_object"] = rows
-    return out
+        rows.append(object_scores(seq, 1, frames, gt, res))
+    return summarize(rows, sequences)
 
 
 def eval_vos(

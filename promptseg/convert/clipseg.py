@@ -1,4 +1,4 @@
-"""CLIPSeg checkpoints -> promptseg's native layout (`backbone.clip.*` + `head.*`).
+"""CLIPSeg checkpoints -> the native layout: `backbone.visual.*`, `text_encoder.*`, `head.*`.
 
 Layouts read (spec clipseg.md §4):
 - HF transformers `CLIPSegForImageSegmentation` (hub repos CIDAS/clipseg-*, or a save_pretrained
@@ -8,6 +8,8 @@ Layouts read (spec clipseg.md §4):
   from OpenAI's ViT-B/16 (component `openai_clip_vitb16`, OpenAI/open_clip key names).
 - The full official module state dict: the same plus `clip_model.*` (OpenAI names) and `model.*`
   (a duplicate of `clip_model.visual.*`).
+- promptseg's own native files, including the first layout (whole CLIP under `backbone.clip.*`,
+  decoder blocks with `qkv` / `proj` / `fc1` / `fc2`), updated to the current one.
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ import torch
 
 from ..errors import CheckpointFormatError
 from ..registry import register_converter
-from .common import drop_keys, expect_no_leftovers, pack_qkv, rename_keys, strip_prefix
+from .common import expect_no_leftovers, pack_qkv, rename_keys, strip_prefix
 
-__all__ = ["hf_to_native", "official_to_native", "convert_clipseg", "detect_layout"]
+__all__ = [
+    "hf_to_native",
+    "official_to_native",
+    "first_native_to_native",
+    "convert_clipseg",
+    "detect_layout",
+]
 
 StateDict = dict[str, torch.Tensor]
 Require = Callable[[str], StateDict]
@@ -53,27 +61,50 @@ _HF_BLOCK_RULES = [
 ]
 _HF_DECODER_RULES = [
     (r"(film_mul|film_add|reduces\.\d+)\.(weight|bias)", r"head.\1.\2"),
-    (r"layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"head.blocks.\1.qkv.\2"),
-    (r"layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"head.blocks.\1.proj.\2"),
+    (r"layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"head.blocks.\1.self_attn.in_proj_\2"),
+    (r"layers\.(\d+)\.self_attn\.out_proj\.(.*)", r"head.blocks.\1.self_attn.out_proj.\2"),
     (r"layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"head.blocks.\1.norm\2.\3"),
-    (r"layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"head.blocks.\1.\2.\3"),
+    (r"layers\.(\d+)\.mlp\.fc([12])\.(weight|bias)", r"head.blocks.\1.linear\2.\3"),
     (r"transposed_convolution\.(.*)", r"head.upsample.\1"),
 ]
-_OFFICIAL_DECODER_RULES = [
+_OFFICIAL_DECODER_RULES = [  # the official blocks are torch TransformerEncoderLayers, as ours
     (r"(film_mul|film_add|reduces\.\d+)\.(weight|bias)", r"head.\1.\2"),
-    (r"blocks\.(\d+)\.self_attn\.in_proj_(weight|bias)", r"head.blocks.\1.qkv.\2"),
-    (r"blocks\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"head.blocks.\1.proj.\2"),
-    (r"blocks\.(\d+)\.(norm[12])\.(weight|bias)", r"head.blocks.\1.\2.\3"),
-    (r"blocks\.(\d+)\.linear([12])\.(weight|bias)", r"head.blocks.\1.fc\2.\3"),
+    (r"blocks\.(\d+)\.(.*)", r"head.blocks.\1.\2"),
     (r"trans_conv\.(.*)", r"head.upsample.\1"),
     (r"reduce\.(weight|bias)", ""),  # dead weight of the official module (spec §3.3)
+]
+_OPENAI_CLIP_RULES = [
+    (r"visual\.(.*)", r"backbone.visual.\1"),
+    (
+        r"(transformer\..*|token_embedding\..*|positional_embedding|ln_final\..*)",
+        r"text_encoder.\1",
+    ),
+    (r"text_projection", "text_encoder.text_projection"),
+    (r"logit_scale|input_resolution|context_length|vocab_size", ""),
+]
+_FIRST_NATIVE_RULES = [  # promptseg's first native layout -> the current one
+    (r"backbone\.clip\.(.*)", r"\1"),  # then through _OPENAI_CLIP_RULES
+    (r"head\.blocks\.(\d+)\.qkv\.(weight|bias)", r"head.blocks.\1.self_attn.in_proj_\2"),
+    (r"head\.blocks\.(\d+)\.proj\.(weight|bias)", r"head.blocks.\1.self_attn.out_proj.\2"),
+    (r"head\.blocks\.(\d+)\.fc([12])\.(weight|bias)", r"head.blocks.\1.linear\2.\3"),
+    (r"(head\..*)", r"\1"),
 ]
 
 
 def _openai_clip_to_native(clip: StateDict) -> StateDict:
-    """OpenAI / open_clip CLIP keys -> `backbone.clip.*`, as float32."""
-    clip = drop_keys(clip, [r"input_resolution", r"context_length", r"vocab_size"])
-    return {f"backbone.clip.{k}": v.float() for k, v in clip.items()}
+    """OpenAI / open_clip CLIP keys -> `backbone.visual.*` + `text_encoder.*`, as float32."""
+    native, unmatched = rename_keys(clip, _OPENAI_CLIP_RULES)
+    expect_no_leftovers(unmatched, "OpenAI CLIP weights")
+    return {k: v.float() for k, v in native.items()}
+
+
+def first_native_to_native(state_dict: StateDict) -> StateDict:
+    """promptseg's first native layout (`backbone.clip.*`, `qkv`/`proj`/`fc*`) -> current."""
+    renamed, unmatched = rename_keys(state_dict, _FIRST_NATIVE_RULES)
+    expect_no_leftovers(unmatched, "promptseg CLIPSeg file (first layout)")
+    head = {k: v for k, v in renamed.items() if k.startswith("head.")}
+    clip = {k: v for k, v in renamed.items() if not k.startswith("head.")}
+    return {**_openai_clip_to_native(clip), **head}
 
 
 def hf_clip_to_openai(hf_clip: StateDict) -> StateDict:
@@ -122,8 +153,10 @@ def official_to_native(state_dict: StateDict, require: Require | None = None) ->
 
 
 def detect_layout(state_dict: StateDict) -> str:
-    """'native' | 'hf' | 'official' | 'openai_clip' | 'unknown' from telltale keys."""
-    if any(k.startswith(("head.", "backbone.")) for k in state_dict):
+    """'native' | 'first_native' | 'hf' | 'official' | 'openai_clip' | 'unknown' (by key)."""
+    if any(k.startswith("backbone.clip.") for k in state_dict):
+        return "first_native"
+    if any(k.startswith(("head.", "backbone.", "text_encoder.")) for k in state_dict):
         return "native"
     if any(k.startswith("decoder.") for k in state_dict):
         return "hf"
@@ -140,6 +173,8 @@ def convert_clipseg(state_dict: StateDict, require: Require | None = None) -> St
     layout = detect_layout(state_dict)
     if layout == "native":
         return state_dict
+    if layout == "first_native":
+        return first_native_to_native(state_dict)
     if layout == "hf":
         return hf_to_native(state_dict, require)
     if layout == "official":

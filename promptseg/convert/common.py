@@ -9,7 +9,7 @@ import torch
 
 from ..errors import CheckpointFormatError
 
-__all__ = ["rename_keys", "pack_qkv", "drop_keys", "expect_no_leftovers", "strip_prefix"]
+__all__ = ["rename_keys", "pack_qkv", "expect_no_leftovers", "strip_prefix"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -54,12 +54,6 @@ def pack_qkv(state_dict: StateDict, q_pattern: str, target: str) -> StateDict:
         for p in parts:
             del out[p]
     return out
-
-
-def drop_keys(state_dict: StateDict, patterns: Iterable[str]) -> StateDict:
-    """Remove keys full-matching any regex (known dead weights, buffers, duplicates)."""
-    compiled = [re.compile(p) for p in patterns]
-    return {k: v for k, v in state_dict.items() if not any(c.fullmatch(k) for c in compiled)}
 
 
 def strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> StateDict:

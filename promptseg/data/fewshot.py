@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from promptseg.data.episodes import Episode, episodes, lvis_fold_classes
@@ -29,6 +30,7 @@ from promptseg.data.splits import (
     split_file,
 )
 from promptseg.errors import DatasetLayoutError, WeightsNotFoundError
+from promptseg.transforms import resize_mask
 
 __all__ = [
     "COCO_CATEGORY_IDS",
@@ -144,29 +146,15 @@ class ShotRecord(NamedTuple):
 
 
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a mask / label map [H, W] to ``size`` = (h, w) like the protocols do (spec §6 P1).
-
-    Uses torch ``F.interpolate(mode="nearest")`` itself (source index = floor(dst * in / out)),
-    which is not PIL NEAREST nor "nearest-exact".
-    """
-    import torch
-    import torch.nn.functional as F
-
+    """Resize a mask / label map [H, W] to ``size`` = (h, w) like the protocols do (spec §6 P1):
+    torch ``F.interpolate(mode="nearest")`` (source index = floor(dst * in / out)), which is not
+    PIL NEAREST nor "nearest-exact"."""
     if array.ndim != 2:
         raise ValueError(f"expected a 2-D mask or label map, got shape {array.shape}")
-    if tuple(array.shape) == tuple(size):
-        return array.copy()
     src = np.ascontiguousarray(array)
-    as_uint8 = src.dtype == np.bool_
-    t = torch.from_numpy(src.astype(np.uint8) if as_uint8 else src)
-    dtype = t.dtype
-    if dtype not in (torch.uint8, torch.float32, torch.float64):
-        t = t.to(torch.float64)  # exact for any label value up to 2**53
-    out = F.interpolate(t[None, None], size=tuple(size), mode="nearest")[0, 0]
-    res = out.numpy()
-    if as_uint8:
-        return res.astype(bool)
-    return res.astype(array.dtype, copy=False)
+    work = src.astype(np.int64) if src.dtype.kind in "iu" and src.dtype != np.uint8 else src
+    out = resize_mask(torch.from_numpy(work.copy()), size, grid="floor").numpy()
+    return out.astype(array.dtype, copy=False)
 
 
 def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:

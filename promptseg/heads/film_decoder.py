@@ -1,66 +1,52 @@
 """CLIPSeg's decoder: FiLM-conditioned post-norm transformer over tapped ViT activations.
 
-Per prompt: x = reduce(deepest tap); FiLM(x) with the 512-d conditional vector; then for each
-block k: x = block_k(x) and, before every later block, x += reduce(next shallower tap). The CLS
-token is dropped and the token grid is painted to pixels by a transposed-conv head.
-The `reduce` projections do not depend on the prompt, so `project()` is cached per image.
+Per prompt: x = reduce(deepest tap); FiLM(x) with the conditional vector; then for each block k:
+x = block_k(x) and, before every later block, x += reduce(next shallower tap). The CLS token is
+dropped and the token grid is painted to pixels by a transposed-conv head. The blocks are torch's
+`nn.TransformerEncoderLayer` (post-norm, ReLU), as in the official code. The `reduce`
+projections do not depend on the prompt, so `project()` is cached per image.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..contracts import FeatureInfo
 from ..registry import register_head
+from .base import Head
 
-__all__ = ["FiLMDecoder", "PostNormBlock"]
-
-
-class PostNormBlock(nn.Module):
-    """`x = LN1(x + MHA(x)); x = LN2(x + W2 relu(W1 x))` — torch's TransformerEncoderLayer, eval."""
-
-    def __init__(self, dim: int, heads: int, ffn: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, ffn)
-        self.fc2 = nn.Linear(ffn, dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
-        x = self.norm1(x + self.proj(attn))
-        return self.norm2(x + self.fc2(F.relu(self.fc1(x))))
+__all__ = ["FiLMDecoder"]
 
 
 @register_head("film_decoder")
-class FiLMDecoder(nn.Module):
+class FiLMDecoder(Head):
     """Taps [B, 1 + g*g, C] (shallow -> deep) + condition [P, cond_dim] -> logits [P, g*p, g*p]."""
+
+    needs = "vit_tokens"
 
     def __init__(
         self,
-        in_dim: int,
-        cond_dim: int,
-        reduce_dim: int,
-        n_taps: int,
-        heads: int,
-        ffn: int,
-        patch_size: int,
-        refined: bool,
+        features: FeatureInfo,
+        cond_dim: int = 512,
+        reduce_dim: int = 64,
+        heads: int = 4,
+        ffn: int = 2048,
+        refined: bool = False,
     ) -> None:
         super().__init__()
-        d = reduce_dim
-        self.reduces = nn.ModuleList(nn.Linear(in_dim, d) for _ in range(n_taps))
+        d, n_taps, patch = reduce_dim, len(features.keys), features.strides[0]
+        if refined and patch % 4:
+            raise ValueError(f"the refined head needs a patch size divisible by 4, got {patch}")
+        self.reduces = nn.ModuleList(nn.Linear(c, d) for c in reversed(features.channels))
         self.film_mul = nn.Linear(cond_dim, d)
         self.film_add = nn.Linear(cond_dim, d)
-        self.blocks = nn.ModuleList(PostNormBlock(d, heads, ffn) for _ in range(n_taps))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, batch_first=True)
+            for _ in range(n_taps)
+        )
         if refined:
-            k = patch_size // 4
+            k = patch // 4
             self.upsample = nn.Sequential(
                 nn.Conv2d(d, d, 3, padding=1),
                 nn.ReLU(),
@@ -69,7 +55,21 @@ class FiLMDecoder(nn.Module):
                 nn.ConvTranspose2d(d // 2, 1, 4, stride=4),
             )
         else:
-            self.upsample = nn.ConvTranspose2d(d, 1, patch_size, stride=patch_size)
+            self.upsample = nn.ConvTranspose2d(d, 1, patch, stride=patch)
+        self._init_upsample()
+
+    def _init_upsample(self, logit_std: float = 2.0) -> None:
+        """Random init that keeps activations' scale through the painting head, so an untrained
+        model's logits spread around 0 (std ~`logit_std`) and its masks cover part of the image."""
+        convs = [
+            m for m in self.upsample.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+        ]
+        for i, conv in enumerate(convs):
+            k = conv.kernel_size[0] * conv.kernel_size[1] // (conv.stride[0] * conv.stride[1])
+            fan_in = conv.in_channels * k  # weights reaching one output pixel
+            gain = logit_std if i == len(convs) - 1 else 2**0.5  # ReLU between the others
+            nn.init.normal_(conv.weight, std=gain / fan_in**0.5)
+            nn.init.zeros_(conv.bias)
 
     def project(self, taps: list[torch.Tensor]) -> torch.Tensor:
         """Prompt-independent part: reduce each tap, deepest first -> [n_taps, B, T, D]."""

@@ -5,6 +5,8 @@ fusion block that is applied with the same weights in both directions. The M-For
 N ID queries, S instance queries and M + 1 semantic prototypes jointly; ID and instance queries do
 masked cross-attention with the mask from the stage-0 prediction in every layer (as released).
 Cacheable pieces are separate methods: `neck`, `mask_features`, `pool_sums`, `image_self_attention`.
+One `forward` decodes a batch of targets. The generic pieces (attention sub-layers, MLP, sine PE,
+masked-attention rule) are `promptseg.layers`; the SINE-specific ones are here.
 State-dict keys are the official ones minus `image_encoder.` / `transformer_decoder.`.
 """
 
@@ -12,25 +14,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import Tensor, nn
 
+from ..contracts import FeatureInfo
+from ..layers.attention import (
+    CrossAttentionBlock,
+    FeedForwardBlock,
+    SelfAttentionBlock,
+    cross_attention_mask,
+)
+from ..layers.mlp import MLP
+from ..layers.position import sine_position_embedding
 from ..registry import register_head
+from .base import Head
 
 __all__ = [
     "MFormerHead",
     "PooledTokens",
-    "Attention",
-    "LayerNorm2d",
-    "sine_position_embedding",
     "gaussian_prior",
     "id_position_embedding",
     "cosine_logits",
     "group_attention_mask",
-    "cross_attention_mask",
     "binarize_masks",
     "masked_sums",
     "tokens_from_sums",
@@ -38,6 +47,7 @@ __all__ = [
     "semantic_map",
     "instance_topk",
     "id_scores",
+    "unbatch",
 ]
 
 POOL_EPS = 1e-8  # mask pooling denominator
@@ -47,26 +57,6 @@ MAX_LOGIT_SCALE = 100.0
 
 # ----------------------------------------------------------------------------------------------
 # small pure functions
-
-
-def sine_position_embedding(
-    h: int, w: int, dim: int, temperature: float = 10000.0, device: torch.device | None = None
-) -> Tensor:
-    """DETR sine PE (normalize=True, scale 2*pi) over an h x w grid -> [h*w, dim], fp32, [y; x]."""
-    npf = dim // 2
-    scale = 2 * math.pi
-    y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + 1e-6) * scale  # [h]
-    x = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + 1e-6) * scale  # [w]
-    dim_t = torch.arange(npf, dtype=torch.float32, device=device)
-    dim_t = temperature ** (2 * (dim_t // 2) / npf)  # [npf]
-
-    def interleave(p: Tensor) -> Tensor:  # [n, npf] -> sin/cos interleaved [n, npf]
-        return torch.stack((p[:, 0::2].sin(), p[:, 1::2].cos()), dim=2).flatten(1)
-
-    py = interleave(y[:, None] / dim_t)  # [h, npf]
-    px = interleave(x[:, None] / dim_t)  # [w, npf]
-    pe = torch.cat((py[:, None].expand(h, w, npf), px[None].expand(h, w, npf)), dim=-1)
-    return pe.reshape(h * w, 2 * npf)
 
 
 def gaussian_prior(corr: Tensor, h: int, w: int, sigma: float = 10.0) -> Tensor:
@@ -112,16 +102,6 @@ def group_attention_mask(n_id: int, n_rest: int, device: torch.device | None = N
     blocked[:n_id, :n_id] = False
     blocked[n_id:, n_id:] = False
     return blocked
-
-
-def cross_attention_mask(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Mask2Former attention mask (True = blocked) from logits [B, Q, Hm, Wm] -> [B, Q, h*w].
-
-    Bilinear to `size`, blocked where sigmoid < 0.5; rows blocking every key are fully unblocked.
-    """
-    small = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    blocked = small.sigmoid().flatten(2) < 0.5  # [B, Q, h*w]
-    return blocked & ~blocked.all(dim=-1, keepdim=True)
 
 
 def binarize_masks(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -204,124 +184,7 @@ def id_scores(pred_id_logits: Tensor, pred_id_masks: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# layers
-
-
-class LayerNorm2d(nn.Module):
-    """Channel-first LayerNorm over dim 1 of [B, C, H, W] (SAM / detectron2 "LN", eps 1e-6)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(1, keepdim=True)
-        var = (x - mean).pow(2).mean(1, keepdim=True)
-        x = (x - mean) / torch.sqrt(var + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
-class Attention(nn.Module):
-    """Multi-head attention with nn.MultiheadAttention's parameters, via SDPA; batch-first.
-
-    `blocked` is a bool mask [Lq, Lk] or [B, Lq, Lk] with True = may NOT attend (torch MHA
-    convention); it is inverted for `F.scaled_dot_product_attention` (True = attend).
-    """
-
-    def __init__(self, dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))  # rows: q, k, v
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, blocked: Tensor | None = None) -> Tensor:
-        b, lq, d = q.shape
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3)
-
-        def split(x: Tensor, wt: Tensor, bias: Tensor) -> Tensor:  # [B, L, d] -> [B, h, L, d/h]
-            return F.linear(x, wt, bias).view(b, x.shape[1], self.heads, -1).transpose(1, 2)
-
-        allowed = None
-        if blocked is not None:
-            allowed = ~(blocked if blocked.dim() == 2 else blocked[:, None])  # [(B, 1,) Lq, Lk]
-        out = F.scaled_dot_product_attention(
-            split(q, wq, bq), split(k, wk, bk), split(v, wv, bv), attn_mask=allowed
-        )  # [B, h, Lq, d/h]
-        return self.out_proj(out.transpose(1, 2).reshape(b, lq, d))
-
-
-def _xavier_matrices(module: nn.Module) -> None:
-    """Official init: xavier-uniform on every >1-dim parameter of a sub-layer."""
-    for p in module.parameters():
-        if p.dim() > 1:
-            nn.init.xavier_uniform_(p)
-
-
-class SelfAttentionBlock(nn.Module):
-    """Self-attention sub-layer: pre-norm `x + SA(LN x)` or post-norm `LN(x + SA x)`; pos on q,k."""
-
-    def __init__(self, dim: int, heads: int, pre_norm: bool) -> None:
-        super().__init__()
-        self.self_attn = Attention(dim, heads)
-        self.norm = nn.LayerNorm(dim)
-        self.pre_norm = pre_norm
-        _xavier_matrices(self)
-
-    def forward(
-        self, x: Tensor, pos: Tensor | None = None, blocked: Tensor | None = None
-    ) -> Tensor:
-        h = self.norm(x) if self.pre_norm else x
-        qk = h if pos is None else h + pos
-        out = x + self.self_attn(qk, qk, h, blocked)
-        return out if self.pre_norm else self.norm(out)
-
-
-class CrossAttentionBlock(nn.Module):
-    """Cross-attention sub-layer: q = norm?(x) + pos, k = memory + memory_pos, v = memory."""
-
-    def __init__(self, dim: int, heads: int, pre_norm: bool) -> None:
-        super().__init__()
-        self.multihead_attn = Attention(dim, heads)
-        self.norm = nn.LayerNorm(dim)
-        self.pre_norm = pre_norm
-        _xavier_matrices(self)
-
-    def forward(
-        self,
-        x: Tensor,
-        memory: Tensor,
-        pos: Tensor | None = None,
-        memory_pos: Tensor | None = None,
-        blocked: Tensor | None = None,
-    ) -> Tensor:
-        h = self.norm(x) if self.pre_norm else x
-        q = h if pos is None else h + pos
-        k = memory if memory_pos is None else memory + memory_pos
-        out = x + self.multihead_attn(q, k, memory, blocked)
-        return out if self.pre_norm else self.norm(out)
-
-
-class FeedForwardBlock(nn.Module):
-    """FFN sub-layer linear2(relu(linear1 .)) with pre- or post-norm residual."""
-
-    def __init__(self, dim: int, ffn: int, pre_norm: bool) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(dim, ffn)
-        self.linear2 = nn.Linear(ffn, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.pre_norm = pre_norm
-        _xavier_matrices(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.norm(x) if self.pre_norm else x
-        out = x + self.linear2(F.relu(self.linear1(h)))
-        return out if self.pre_norm else self.norm(out)
+# SINE layers (built from the shared sub-layers)
 
 
 class FusionLayer(nn.Module):
@@ -373,22 +236,6 @@ class MFormerLayer(nn.Module):
         return torch.cat([self.transformer_ffn_layer1(y), sem], dim=1)
 
 
-class MLP(nn.Module):
-    """`layers.{i}` Linear stack with ReLU between (Mask2Former mask embedding)."""
-
-    def __init__(self, dim: int, out_dim: int, n_layers: int) -> None:
-        super().__init__()
-        dims = [dim] * n_layers + [out_dim]
-        self.layers = nn.ModuleList(
-            nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
 class PooledTokens(NamedTuple):
     """Reference tokens: id_tokens [N, C], sem_tokens [M, C] and the sorted id / class values."""
 
@@ -403,8 +250,15 @@ class PooledTokens(NamedTuple):
 
 
 @register_head("mformer")
-class MFormerHead(nn.Module):
+class MFormerHead(Head):
     """Neck + in-context fusion + M-Former: target/reference features -> ID, instance, semantic."""
+
+    needs = "feature_map"
+
+    @classmethod
+    def from_features(cls, features: FeatureInfo, **config: Any) -> MFormerHead:
+        """Built on a backbone's single-scale map: the neck takes its channels."""
+        return cls(in_channels=features.out_channels, **config)
 
     def __init__(
         self,
@@ -550,26 +404,12 @@ class MFormerHead(nn.Module):
         image_sa: Tensor | None = None,
         aux: bool = True,
     ) -> dict:
-        """Decode one target ([1, C, g, g]; `mfeat` [1, C, 4g, 4g]) with id_tokens [N, C] (N may be
-        0 or None) and sem_tokens [M, C] -> pred_id_logits [N, 2], pred_id_masks [N, 4g, 4g],
-        pred_logits [S, M+1], pred_masks [S, 4g, 4g], aux_outputs (stages 0..L-1 if `aux`)."""
-        if target_feats.shape[0] != 1:
-            raise ValueError(
-                f"forward decodes one target, got batch {target_feats.shape[0]}; use decode_batch"
-            )
-        return self.decode_batch(target_feats, mfeat, id_tokens, sem_tokens, image_sa, aux)[0]
+        """Decode B targets [B, C, g, g] (`mfeat` [B, C, 4g, 4g]) with ID tokens [B, N, C] or
+        shared [N, C] (N may be 0, or None) and semantic tokens [B, M, C] or shared [M, C].
 
-    def decode_batch(
-        self,
-        target_feats: Tensor,
-        mfeat: Tensor,
-        id_tokens: Tensor | None,
-        sem_tokens: Tensor,
-        image_sa: Tensor | None = None,
-        aux: bool = True,
-    ) -> list[dict]:
-        """B targets [B, C, g, g] sharing (tokens [N|M, C]) or not ([B, N|M, C]) -> B output dicts.
-
+        Returns batched tensors: pred_id_logits [B, N, 2], pred_id_masks [B, N, 4g, 4g],
+        pred_logits [B, S, M+1], pred_masks [B, S, 4g, 4g], and aux_outputs (stages 0..L-1, dicts
+        of the same four; empty if not `aux`). Items do not interact: each equals its B = 1 call.
         `image_sa` [B, g*g, C] is the cached `image_self_attention(target_feats)`. With aux=False
         the heads of stages 1..L-1 are skipped (they never feed the attention: stage-0 mask).
         """
@@ -616,18 +456,28 @@ class MFormerHead(nn.Module):
             if aux or i == len(self.transformer_layers) - 1:
                 stages.append(self.predict(queries, n, s, mfeat))
 
-        def per_target(stage: tuple[Tensor, Tensor, Tensor], j: int) -> dict:
+        def as_dict(stage: tuple[Tensor, Tensor, Tensor]) -> dict:
             id_logits, ins_logits, masks = stage
             return {
-                "pred_id_logits": id_logits[j],
-                "pred_id_masks": masks[j, :n],
-                "pred_logits": ins_logits[j],
-                "pred_masks": masks[j, n:],
+                "pred_id_logits": id_logits,
+                "pred_id_masks": masks[:, :n],
+                "pred_logits": ins_logits,
+                "pred_masks": masks[:, n:],
             }
 
-        outs = []
-        for j in range(b):
-            out = per_target(stages[-1], j)
-            out["aux_outputs"] = [per_target(st, j) for st in stages[:-1]] if aux else []
-            outs.append(out)
-        return outs
+        out = as_dict(stages[-1])
+        out["aux_outputs"] = [as_dict(st) for st in stages[:-1]] if aux else []
+        return out
+
+
+def unbatch(out: dict) -> list[dict]:
+    """A batched head output -> one dict per target (tensors without the batch axis; its
+    `aux_outputs` likewise), for code that handles targets one at a time."""
+
+    def item(stage: dict, j: int) -> dict:
+        return {k: v[j] for k, v in stage.items() if k != "aux_outputs"}
+
+    return [
+        {**item(out, j), "aux_outputs": [item(st, j) for st in out.get("aux_outputs", [])]}
+        for j in range(out["pred_logits"].shape[0])
+    ]

@@ -21,6 +21,7 @@ from promptseg.metrics._arrays import first_few
 
 __all__ = [
     "DavisFormatError",
+    "MEASURES",
     "MissingResultsError",
     "bound_pixels",
     "db_statistics",
@@ -28,8 +29,10 @@ __all__ = [
     "evaluate_davis",
     "f_measure",
     "j_measure",
+    "object_scores",
     "read_sequence_list",
     "seg2bmap",
+    "summarize",
 ]
 
 VOID_LABEL = 255
@@ -207,29 +210,44 @@ def _evaluate_sequence(seq: str, gt_files: list[Path], res_dir: Path) -> list[di
             f"{seq}: result label {n_res} exceeds the {n_obj} object(s) in GT frame "
             f"{gt_files[0].name}"
         )
-    rows = []
-    for k in range(1, n_obj + 1):
-        j = j_measure(gt == k, res == k)
-        f = f_measure(gt == k, res == k)
-        jm, jr, jd = db_statistics(j)
-        fm, fr, fd = db_statistics(f)
-        rows.append(
-            {
-                "sequence": seq,
-                "object": k,
-                "name": f"{seq}_{k}",
-                "J-Mean": jm,
-                "J-Recall": jr,
-                "J-Decay": jd,
-                "F-Mean": fm,
-                "F-Recall": fr,
-                "F-Decay": fd,
-                "frames": frames,
-                "J": j.tolist(),
-                "F": f.tolist(),
-            }
-        )
-    return rows
+    return [object_scores(seq, k, frames, gt == k, res == k) for k in range(1, n_obj + 1)]
+
+
+def object_scores(sequence: str, obj: int, frames: list[str], gt: Any, pred: Any) -> dict[str, Any]:
+    """One object's row: per-frame J and F of its masks [T, H, W] and their statistics."""
+    j = np.asarray(j_measure(gt, pred))
+    f = np.asarray(f_measure(gt, pred))
+    jm, jr, jd = db_statistics(j)
+    fm, fr, fd = db_statistics(f)
+    return {
+        "sequence": sequence,
+        "object": obj,
+        "name": f"{sequence}_{obj}",
+        "J-Mean": jm,
+        "J-Recall": jr,
+        "J-Decay": jd,
+        "F-Mean": fm,
+        "F-Recall": fr,
+        "F-Decay": fd,
+        "frames": frames,
+        "J": j.tolist(),
+        "F": f.tolist(),
+    }
+
+
+def summarize(per_object: list[dict[str, Any]], sequences: list[str]) -> dict[str, Any]:
+    """J&F-Mean and the J/F Mean, Recall, Decay means over objects, with the rows themselves."""
+
+    def avg(key: str) -> float:
+        vals = np.array([row[key] for row in per_object], dtype=np.float64)
+        return float(np.mean(vals)) if vals.size else math.nan
+
+    out: dict[str, Any] = {m: avg(m) for m in MEASURES[1:]}
+    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2.0, **out}
+    out["n_objects"] = len(per_object)
+    out["sequences"] = sequences
+    out["per_object"] = per_object
+    return out
 
 
 def evaluate_davis(
@@ -271,14 +289,4 @@ def evaluate_davis(
     per_object: list[dict[str, Any]] = []
     for seq in seqs:
         per_object += _evaluate_sequence(seq, gt_files[seq], res_dir)
-
-    def avg(key: str) -> float:
-        vals = np.array([row[key] for row in per_object], dtype=np.float64)
-        return float(np.mean(vals)) if vals.size else math.nan
-
-    out: dict[str, Any] = {m: avg(m) for m in MEASURES[1:]}
-    out = {"J&F-Mean": (out["J-Mean"] + out["F-Mean"]) / 2.0, **out}
-    out["n_objects"] = len(per_object)
-    out["sequences"] = seqs
-    out["per_object"] = per_object
-    return out
+    return summarize(per_object, seqs)

@@ -1,30 +1,48 @@
 """`PromptSegModel`: the four steps every family implements, and `segment()` that chains them.
 
 encode_image (cacheable per image) -> encode_prompt (cacheable per prompt) -> decode -> postprocess.
-The Predictor calls the same steps, keeping the first two between calls. Families whose prompt
-embeddings are tensors only (SINE) can also save them to disk and take them back in `segment`.
+The Predictor calls the same steps, keeping the first two between calls. Shared here, once for
+every family: composing a backbone and a head from the registry, named preprocessing configs
+(one per model input), dtype and device, caches that follow the weights, validation of
+`level` / `threshold` / `output_size`, the output size and the result's metadata.
 """
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 import time
-from collections.abc import Iterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from ..backbones.base import Backbone
+from ..cache import LRUCache
+from ..contracts import check_compatible
 from ..errors import UnsupportedPromptError
+from ..heads.base import Head
 from ..imageio import ImageInput, MaskInput, content_hash, load_image
 from ..prompts import Prompt, as_prompt, prompt_kind
+from ..registry import lookup, registered
 from ..result import SegmentationResult
-from ..transforms import preprocess
+from ..transforms import named_data_configs, preprocess, resized_size
 
-__all__ = ["PromptSegModel", "ImageEmbedding", "OutputSize"]
+__all__ = [
+    "PromptSegModel",
+    "ImageEmbedding",
+    "OutputSize",
+    "compose",
+    "check_output_size",
+    "check_threshold",
+]
 
 OutputSize = str | tuple[int, int]
+MAX_OUTPUT_SIDE = 65536
 _KIND_NEEDS = {
     "text": {"text"},
     "visual": {"visual"},
@@ -36,9 +54,9 @@ _KIND_NEEDS = {
 
 @dataclass
 class ImageEmbedding:
-    """What `encode_image` computed for one image, plus what postprocessing needs of the image."""
+    """What `encode_image` computed for one image (per model input), plus the original image."""
 
-    features: Any
+    features: dict[str, Any]  # input name ("default", ...) -> encode_image output
     image: torch.Tensor  # uint8 [3, H, W], the original image
     key: str  # content hash of `image`, so a cache is never stale
     seconds: float = 0.0
@@ -49,8 +67,44 @@ class ImageEmbedding:
         return int(self.image.shape[-2]), int(self.image.shape[-1])
 
 
+# -- composition --------------------------------------------------------------------------------
+def _build(kind: str, config: Mapping[str, Any], **fixed: Any) -> Any:
+    """Instantiate a registered class from {name: ..., **kwargs} plus fixed keyword arguments."""
+    config = dict(config)
+    cls = lookup(kind, config.pop("name"))
+    factory = cls.from_features if kind == "head" else cls
+    try:
+        return factory(**fixed, **config)
+    except TypeError as exc:
+        accepted = sorted(
+            p for p in inspect.signature(cls).parameters if p not in ("self", "output", "features")
+        )
+        raise TypeError(f"{kind} {cls.__name__}: {exc}; it takes {', '.join(accepted)}") from None
+
+
+def compose(
+    backbone: Mapping[str, Any], head: Mapping[str, Any], **requests: Any
+) -> tuple[Backbone, Head]:
+    """Build a backbone and a head from their zoo.yaml entries ({name, **config}).
+
+    The head states the feature kind it needs; the backbone is built for that kind (an
+    incompatible pair raises naming both contracts). `requests` are extra backbone arguments the
+    family asks for (e.g. which blocks to tap), passed where the backbone takes them.
+    """
+    head_cls = lookup("head", head["name"])
+    backbone_cls = lookup("backbone", backbone["name"])
+    check_compatible(backbone["name"], backbone_cls.provides, head["name"], head_cls.needs)
+    accepted = inspect.signature(backbone_cls).parameters
+    extra = {k: v for k, v in requests.items() if k in accepted and k not in backbone}
+    built = _build("backbone", backbone, output=head_cls.needs, **extra)
+    return built, _build("head", head, features=built.feature_info)
+
+
+# -- argument checks (at the edge, before any heavy work) ------------------------------------
 def check_threshold(threshold: Any) -> float:
     """A probability threshold as a float in [0, 1], or a ValueError saying what was given."""
+    if isinstance(threshold, bool):
+        raise ValueError(f"threshold must be a number in [0, 1], got {threshold!r}")
     try:
         value = float(threshold)
     except (TypeError, ValueError):
@@ -60,14 +114,52 @@ def check_threshold(threshold: Any) -> float:
     return value
 
 
-class PromptSegModel(nn.Module):
-    """Base of every family; subclasses implement encode_image/encode_prompt/decode/postprocess."""
+def check_output_size(output_size: Any) -> str | tuple[int, int]:
+    """'original' | 'input' | (H, W) of positive ints (tuple, list or array), else ValueError."""
+    if isinstance(output_size, str):
+        if output_size in ("original", "input"):
+            return output_size
+    elif isinstance(output_size, Sequence | torch.Tensor) or hasattr(output_size, "__array__"):
+        sides = list(output_size) if len(output_size) == 2 else []
+        if len(sides) == 2 and all(_is_int(s) and 0 < int(s) <= MAX_OUTPUT_SIDE for s in sides):
+            return int(sides[0]), int(sides[1])
+    raise ValueError(
+        f"output_size must be 'original', 'input' or (H, W) with integer sides in "
+        f"1..{MAX_OUTPUT_SIDE}, got {output_size!r}"
+    )
 
-    levels: tuple[str, ...] = ()
+
+def _is_int(value: Any) -> bool:
+    """True for Python / numpy / 0-d torch integers (not bools, not floats)."""
+    if isinstance(value, torch.Tensor):
+        return value.ndim == 0 and not value.is_floating_point() and value.dtype != torch.bool
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class PromptSegModel(nn.Module, ABC):
+    """Base of every family; subclasses implement encode_image/encode_prompt/decode/postprocess.
+
+    Class attributes a family sets: `levels` (its output levels, default first; "all" = every
+    one from one pass), `default_threshold` (when the card has none), `fp32_modules` (submodules
+    kept in float32 whatever dtype the model is cast to), `image_cache_size` (encoded images kept
+    per (image, input), 0 = none), `input_component` (input name -> the submodule its pixels feed,
+    whose dtype they take).
+    """
+
+    levels: ClassVar[tuple[str, ...]] = ()
+    default_threshold: ClassVar[float | None] = None
+    fp32_modules: ClassVar[tuple[str, ...]] = ()
+    image_cache_size: ClassVar[int] = 0
+    input_component: ClassVar[dict[str, str]] = {}
 
     def __init__(self, card: Any) -> None:
         super().__init__()
         self.card = card
+        self.data_configs = named_data_configs(card.data_config)
+        # follows .to()/.half(): the model's device and compute dtype, whatever its parameters
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+        self._caches: list[LRUCache] = []
+        self._image_cache = self.add_cache(self.image_cache_size)
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -75,48 +167,109 @@ class PromptSegModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        return self._anchor.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The compute dtype (modules in `fp32_modules` stay float32 beside it)."""
+        return self._anchor.dtype
 
-    # -- the four steps -------------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor) -> Any:
-        raise NotImplementedError
+    def component_dtype(self, name: str) -> torch.dtype:
+        """dtype of the submodule `name` (float32 for `fp32_modules`, else the model's)."""
+        return torch.float32 if name in self.fp32_modules else self.dtype
 
-    def encode_prompt(self, prompts: list[Prompt]) -> Any:
-        raise NotImplementedError
+    # -- caches that follow the weights ---------------------------------------------------------
+    def add_cache(self, capacity: int) -> LRUCache:
+        """An LRU cache dropped whenever the weights, device, dtype or mode change."""
+        cache = LRUCache(capacity)
+        self._caches.append(cache)
+        return cache
 
-    def decode(self, features: Any, prompt_embeddings: Any, level: str | None = None) -> Any:
-        raise NotImplementedError
+    def clear_caches(self) -> None:
+        """Forget cached image features and prompt pieces (valid only for the current weights)."""
+        for cache in self._caches:
+            cache.clear()
 
-    def postprocess(self, raw: Any, embedding: ImageEmbedding, prompts: list[Prompt], **kw: Any):
-        raise NotImplementedError
+    def train(self, mode: bool = True) -> PromptSegModel:
+        """Switch mode; caches are dropped, since training changes the weights they came from."""
+        self.clear_caches()
+        return super().train(mode)
 
-    # -- shared plumbing ------------------------------------------------------------------
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 [3, H, W] -> model input [1, 3, h, w] on the model's device and dtype."""
-        return preprocess(image, self.card.data_config, self.dtype).to(self.device)
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module.load_state_dict, dropping caches computed with the old weights."""
+        self.clear_caches()
+        return super().load_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> PromptSegModel:
+        """Every .to() / .cuda() / .half() passes here: caches keep the old device and dtype, so
+        they are dropped, and `fp32_modules` are put back to float32."""
+        self.clear_caches()
+        super()._apply(fn, *args, **kwargs)
+        for name in self.fp32_modules:
+            getattr(self, name).float()
+        return self
+
+    # -- the four steps -------------------------------------------------------------------------
+    def input_names(self, level: str) -> tuple[str, ...]:
+        """Named preprocessing configs (model inputs) an output level needs."""
+        return ("default",)
+
+    @abstractmethod
+    def encode_image(self, pixels: torch.Tensor, input: str = "default") -> Any:
+        """Prompt-independent features of preprocessed pixels [1, 3, h, w] of one input."""
+
+    @abstractmethod
+    def encode_prompt(self, prompts: list[Prompt], level: str | None = None) -> Any:
+        """Prompt embeddings of a batch of prompts (for one level; None: every level's)."""
+
+    @abstractmethod
+    def decode(self, features: dict[str, Any], prompt_embeddings: Any, level: str) -> Any:
+        """Raw outputs of every prompt against one image's features {input name: features}."""
+
+    @abstractmethod
+    def postprocess(
+        self,
+        raw: Any,
+        embedding: ImageEmbedding,
+        prompts: list[Prompt],
+        *,
+        level: str,
+        threshold: float,
+        size: tuple[int, int],
+        return_logits: bool,
+    ) -> SegmentationResult:
+        """Masks at `size` (already resolved from output_size) from the raw outputs."""
+
+    # -- shared plumbing ------------------------------------------------------------------------
+    def preprocess(self, image: torch.Tensor, input: str = "default") -> torch.Tensor:
+        """uint8 [3, H, W] -> normalised (padded) model input [1, 3, h, w] of a named config."""
+        dtype = self.component_dtype(self.input_component.get(input, "backbone"))
+        return preprocess(image, self.data_configs[input], dtype).to(self.device)
+
+    def input_size(self, image_size: tuple[int, int], input: str = "default") -> tuple[int, int]:
+        """(h', w') the image occupies at an input's resolution, without padding."""
+        return resized_size(image_size, self.data_configs[input])
+
+    def encoded(self, image: torch.Tensor, key: str, input: str) -> Any:
+        """encode_image of one image for one input, from the image cache when possible."""
+        hit = self._image_cache.get((key, input))
+        if hit is None:
+            hit = self.encode_image(self.preprocess(image, input), input)
+            self._image_cache.put((key, input), hit)
+        return hit
 
     def embed_image(self, image: ImageInput, level: str | None = None) -> ImageEmbedding:
-        """Load an image and run the prompt-independent part of the model on it.
-
-        `level` is for families whose preprocessing depends on the output level (SINE).
-        """
+        """Load an image and run the prompt-independent part of the model for `level`'s inputs."""
         img = load_image(image)
+        key = content_hash(img)
         start = time.perf_counter()
         with torch.inference_mode():
-            features = self.encode_image(self.preprocess(img))
-        seconds = time.perf_counter() - start
-        return ImageEmbedding(features, img, content_hash(img), seconds, self.card.name)
+            features = {
+                n: self.encoded(img, key, n) for n in self.input_names(self.check_level(level))
+            }
+        return ImageEmbedding(features, img, key, time.perf_counter() - start, self.card.name)
 
-    def embed_prompt(self, prompts: list[Prompt], level: str | None = None) -> Any:
-        """encode_prompt for one output level (families whose prompt encoding depends on it
-        override this; others encode the same way for every level)."""
-        return self.encode_prompt(prompts)
-
-    # -- prompt embeddings, reused without re-encoding ---------------------------------------------
+    # -- prompt embeddings, reused without re-encoding ------------------------------------------
     def as_prompt_embedding(self, obj: Any) -> Any:
         """`obj` as this family's prompt embedding (what encode_prompt returned), or None."""
         return None
@@ -131,15 +284,11 @@ class PromptSegModel(nn.Module):
 
     def _no_prompt_files(self) -> str:
         """Error text: this family cannot save/load prompt embeddings; which families can."""
-        from ..registry import MODELS
-        from ..zoo import FAMILIES, import_family
-
-        for family in FAMILIES:
-            import_family(family)
         able = sorted(
             name
-            for name, cls in MODELS.items()
-            if cls.save_prompt_embedding is not PromptSegModel.save_prompt_embedding
+            for name, cls in registered("model family").items()
+            if isinstance(cls, type)
+            and cls.save_prompt_embedding is not PromptSegModel.save_prompt_embedding
         )
         return (
             f"{self.card.name} ({self.card.family}) cannot save or load prompt embeddings; "
@@ -177,39 +326,87 @@ class PromptSegModel(nn.Module):
             f"{self.card.name} does not segment videos; models that do: {able}"
         )
 
-    def check_level(self, level: str | None) -> str:
+    def check_level(self, level: Any) -> str:
         """The output level to produce: `level` if this family has it, else its default."""
         if level is None:
             return self.levels[0]
-        if level not in self.levels:
+        if not isinstance(level, str) or level not in self.levels:
             raise ValueError(
                 f"{self.card.name} has no output level {level!r}; choose from {list(self.levels)}"
             )
         return level
+
+    def output_size(
+        self, output_size: Any, embedding: ImageEmbedding, level: str
+    ) -> tuple[int, int]:
+        """'original' -> the image's size, 'input' -> its size at the level's first input, or
+        (H, W) itself."""
+        output_size = check_output_size(output_size)
+        if output_size == "original":
+            return embedding.image_size
+        if output_size == "input":
+            return self.input_size(embedding.image_size, self.input_names(level)[0])
+        return output_size
 
     def run(
         self,
         embedding: ImageEmbedding,
         prompts: list[Prompt],
         prompt_embeddings: Any = None,
-        **kw: Any,
+        *,
+        level: str | None = None,
+        threshold: float | None = None,
+        output_size: Any = "original",
+        return_logits: bool = False,
     ) -> SegmentationResult:
-        """Decode prompts against a cached image embedding and postprocess to a result."""
-        if kw.get("threshold") is not None:
-            kw["threshold"] = check_threshold(kw["threshold"])
+        """Decode prompts against an image embedding and postprocess to a result.
+
+        Inputs the level needs that `embedding` lacks (a Predictor image set before the level was
+        chosen) are encoded here first.
+        """
+        level = self.check_level(level)
+        threshold = self.card.default_threshold if threshold is None else threshold
+        threshold = self.default_threshold if threshold is None else threshold
+        threshold = None if threshold is None else check_threshold(threshold)
+        size = self.output_size(output_size, embedding, level)
         timings = {"encode_image": embedding.seconds}
         with torch.inference_mode():
             start = time.perf_counter()
+            for name in self.input_names(level):
+                if name not in embedding.features:
+                    embedding.features[name] = self.encoded(embedding.image, embedding.key, name)
+            timings["encode_image"] += time.perf_counter() - start
+            start = time.perf_counter()
             if prompt_embeddings is None:
-                prompt_embeddings = self.embed_prompt(prompts, kw.get("level"))
+                prompt_embeddings = self.encode_prompt(prompts, level)
             timings["encode_prompt"] = time.perf_counter() - start
             start = time.perf_counter()
-            raw = self.decode(embedding.features, prompt_embeddings, kw.get("level"))
+            raw = self.decode(embedding.features, prompt_embeddings, level)
             timings["decode"] = time.perf_counter() - start
             start = time.perf_counter()
-            result = self.postprocess(raw, embedding, prompts, **kw)
+            result = self.postprocess(
+                raw,
+                embedding,
+                prompts,
+                level=level,
+                threshold=threshold,
+                size=size,
+                return_logits=bool(return_logits),
+            )
             timings["postprocess"] = time.perf_counter() - start
-        result.meta.setdefault("timings", {}).update(timings)
+        first_input = self.input_names(level)[0]
+        result.meta = {
+            "model": self.card.name,
+            "tag": self.card.tag,
+            "level": level,
+            "threshold": threshold,
+            "input_size": self.input_size(embedding.image_size, first_input),
+            "output_size": size,
+            **result.meta,
+            "timings": {**result.meta.get("timings", {}), **timings},
+        }
+        if result.image is None and size == embedding.image_size:
+            result.image = embedding.image
         return result
 
     def segment(
@@ -227,10 +424,18 @@ class PromptSegModel(nn.Module):
 
         `prompt` may also be a prompt embedding (what encode_prompt or load_prompt_embedding
         returned, for families that have them): it is used as is, without re-encoding. Any
-        family takes `prompt_embeddings=` (what `embed_prompt(prompts)` returned) with the
-        prompts they encode, so a prompt encoded once serves many images.
+        family takes `prompt_embeddings=` (what `encode_prompt(prompts, level)` returned) with
+        the prompts they encode, so a prompt encoded once serves many images.
         """
         level = self.check_level(level)
+        if threshold is not None:
+            check_threshold(threshold)
+        check_output_size(output_size)
+        if prompt is None and prompt_embeddings is None:
+            raise TypeError(
+                "prompt is None; give a text, a VisualPrompt(image, mask), a SupportSet, a "
+                "Vocabulary, a list of them, or prompt_embeddings="
+            )
         if prompt_embeddings is None and (stored := self.as_prompt_embedding(prompt)) is not None:
             prompt, prompt_embeddings = None, stored
         prompts = [] if prompt is None else self.prepare_prompts(prompt)

@@ -1,7 +1,13 @@
 """CLIPSeg (Lüddecke & Ecker, CVPR 2022): CLIP ViT-B/16 backbone + FiLM transformer decoder.
 
-    backbone = OpenCLIPViT   (backbones/open_clip_vit.py; frozen, taps blocks 3, 6, 9)
-    head     = FiLMDecoder   (heads/film_decoder.py)
+    backbone     = open_clip_vit  (backbones/open_clip_vit.py; frozen, taps blocks 3, 6, 9)
+    text_encoder = OpenCLIPText   (backbones/open_clip_vit.py; CLIP's text tower, frozen)
+    head         = film_decoder   (heads/film_decoder.py; needs ViT token taps)
+
+The backbone and head are zoo.yaml `config.backbone` / `config.head` entries built through the
+registry: any backbone that provides ViT token taps can replace CLIP's image tower (the paper's
+ViTSeg baseline: an ImageNet ViT, `timm_vit`), CLIP's text tower staying the prompt encoder.
+Visual prompts need a CLIP image tower as the backbone (its image embedding).
 
 A prompt becomes one 512-d conditional vector: the CLIP text embedding of a text, the CLIP image
 embedding of an "engineered" reference (object kept, background blurred and darkened, cropped
@@ -16,14 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..backbones.open_clip_vit import OpenCLIPViT
-from ..heads.film_decoder import FiLMDecoder
+from ..backbones.open_clip_vit import OpenCLIPText
 from ..imageio import load_image, load_mask
 from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, VisualPrompt
 from ..registry import register_model
 from ..result import SegmentationResult
 from ..transforms import resize_logits, resize_mask
-from .base import ImageEmbedding, PromptSegModel
+from .base import ImageEmbedding, PromptSegModel, compose
 
 __all__ = ["CLIPSeg", "engineer_visual_prompt", "gaussian_blur"]
 
@@ -80,33 +85,31 @@ class CLIPSeg(PromptSegModel):
     """Text / visual / mixed prompts -> one binary mask per prompt."""
 
     levels = ("semantic",)
+    default_threshold = 0.3
 
     def __init__(self, card: Any) -> None:
         super().__init__(card)
         cfg = card.config
-        taps = tuple(cfg["extract_layers"])
-        self.backbone = OpenCLIPViT(
-            cfg["embed_dim"], cfg["vision"], cfg["text"], taps, card.data_config
+        self.backbone, self.head = compose(
+            cfg["backbone"], cfg["head"], taps=tuple(cfg["extract_layers"])
         )
-        self.head = FiLMDecoder(
-            in_dim=cfg["vision"]["width"],
-            cond_dim=cfg["embed_dim"],
-            reduce_dim=cfg["reduce_dim"],
-            n_taps=len(taps),
-            heads=cfg["decoder_heads"],
-            ffn=cfg["decoder_ffn"],
-            patch_size=cfg["vision"]["patch_size"],
-            refined=cfg["refined"],
-        )
+        self.text_encoder = OpenCLIPText(**cfg["text_encoder"])
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """The card's, without visual prompts when the backbone has no CLIP image embedding."""
+        if hasattr(self.backbone, "encode_image"):
+            return self.card.capabilities
+        return self.card.capabilities - {"visual"}
 
     # -- image side (cacheable) -----------------------------------------------------------------
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, input: str = "default") -> torch.Tensor:
         """[B, 3, S, S] -> reduced taps [n_taps, B, 1 + g*g, D], deepest first."""
         taps = self.backbone.forward_features(pixels)
-        return self.head.project([taps[f"block{i}"] for i in self.backbone.taps])
+        return self.head.project([taps[k] for k in self.backbone.feature_info.keys])
 
     # -- prompt side (cacheable) ----------------------------------------------------------------
-    def encode_prompt(self, prompts: list[Prompt]) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[Prompt], level: str | None = None) -> torch.Tensor:
         """Conditional vectors [P, embed_dim], texts and references each embedded in one batch."""
         texts = [_text_of(p) for p in prompts if isinstance(p, (TextPrompt, MixedPrompt))]
         refs = [_single_reference(p) for p in prompts if not isinstance(p, TextPrompt)]
@@ -125,8 +128,8 @@ class CLIPSeg(PromptSegModel):
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """CLIP text embeddings [T, embed_dim] (raw strings, no template, unnormalised)."""
-        ids = self.backbone.tokenize(texts).to(self.device)
-        return self.backbone.encode_text(ids)
+        ids = self.text_encoder.tokenize(texts).to(self.device)
+        return self.text_encoder(ids)
 
     def embed_references(self, refs: list[VisualPrompt]) -> torch.Tensor:
         """CLIP image embeddings [R, embed_dim] of engineered references at the input size."""
@@ -148,10 +151,14 @@ class CLIPSeg(PromptSegModel):
 
     # -- decode and postprocess -----------------------------------------------------------------
     def decode(
-        self, features: torch.Tensor, prompt_embeddings: torch.Tensor, level: str | None = None
+        self,
+        features: dict[str, torch.Tensor],
+        prompt_embeddings: torch.Tensor,
+        level: str = "semantic",
     ) -> torch.Tensor:
         """Logits [P, S, S] of every prompt against the (single) cached image."""
-        return self.head(features, prompt_embeddings.to(features.dtype))
+        reduced = features["default"]
+        return self.head(reduced, prompt_embeddings.to(reduced.dtype))
 
     def postprocess(
         self,
@@ -159,16 +166,12 @@ class CLIPSeg(PromptSegModel):
         embedding: ImageEmbedding,
         prompts: list[Prompt],
         *,
-        level: str = "semantic",
-        threshold: float | None = None,
-        output_size: Any = "original",
-        return_logits: bool = False,
+        level: str,
+        threshold: float,
+        size: tuple[int, int],
+        return_logits: bool,
     ) -> SegmentationResult:
         """Resize logits (bilinear) to the output size, then sigmoid > threshold per prompt."""
-        if threshold is None:
-            threshold = self.card.default_threshold or 0.3
-        threshold = float(threshold)
-        size = _output_size(output_size, embedding.image_size, tuple(raw.shape[-2:]))
         probs = torch.sigmoid(resize_logits(raw, size)).cpu()
         masks = probs > threshold
         area = masks.sum(dim=(1, 2))
@@ -180,15 +183,7 @@ class CLIPSeg(PromptSegModel):
             prompt_index=torch.arange(len(prompts)),
             level=[level] * len(prompts),
             logits=raw.float().cpu() if return_logits else None,
-            image=embedding.image if size == embedding.image_size else None,
-            meta={
-                "model": self.card.name,
-                "tag": self.card.tag,
-                "threshold": threshold,
-                "input_size": tuple(self.card.data_config["input_size"]),
-                "output_size": size,
-                "score": "mean foreground probability inside the mask",
-            },
+            meta={"score": "mean foreground probability inside the mask"},
         )
 
 
@@ -210,14 +205,3 @@ def _label(p: Prompt, i: int) -> str:
     if isinstance(p, MixedPrompt):
         return f"{p.text.text} + reference {i}"
     return f"reference {i}"
-
-
-def _output_size(spec: Any, original: tuple[int, int], model: tuple[int, int]) -> tuple[int, int]:
-    """'original' -> the image's size, 'input' -> the model's resolution, (H, W) -> itself."""
-    if spec == "original":
-        return original
-    if spec == "input":
-        return model
-    if isinstance(spec, (tuple, list)) and len(spec) == 2 and all(int(s) > 0 for s in spec):
-        return int(spec[0]), int(spec[1])
-    raise ValueError(f"output_size must be 'original', 'input' or (H, W), got {spec!r}")

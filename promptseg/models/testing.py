@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +64,7 @@ class ColorKey(PromptSegModel):
     per phrase.
     """
 
-    levels = ("semantic", "instance", "panoptic", "identity")
+    levels = ("semantic", "instance", "panoptic", "identity", "all")
     zoo_name = "test_colorkey"
 
     def __init__(self, card: ModelCard | None = None) -> None:
@@ -76,13 +75,13 @@ class ColorKey(PromptSegModel):
         """The mask [H, W] this model reports for an exact colour mask (ColorKey: unchanged)."""
         return mask
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, image: torch.Tensor, input: str = "default") -> torch.Tensor:
         return image
 
-    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, input: str = "default") -> torch.Tensor:
         return pixels
 
-    def encode_prompt(self, prompts: list[Prompt]) -> list[list[dict]]:
+    def encode_prompt(self, prompts: list[Prompt], level: str | None = None) -> list[list[dict]]:
         """Per prompt, the entries to find: {label, class_id, object_id, colors, isthing}."""
         return [self._entries(p) for p in prompts]
 
@@ -125,10 +124,10 @@ class ColorKey(PromptSegModel):
         return list(groups.values())
 
     def decode(
-        self, features: torch.Tensor, prompt_embeddings: list[list[dict]], level: str | None = None
+        self, features: dict[str, torch.Tensor], prompt_embeddings: list[list[dict]], level: str
     ) -> list:
         """Per prompt and entry, the bool mask [H, W] of the entry's colours."""
-        image = features
+        image = features["default"]
         out = []
         for entries in prompt_embeddings:
             masks = []
@@ -143,45 +142,45 @@ class ColorKey(PromptSegModel):
         embedding: ImageEmbedding,
         prompts: list[Prompt],
         *,
-        level: str = "semantic",
-        threshold: float | None = None,
-        output_size: Any = "original",
-        return_logits: bool = False,
+        level: str,
+        threshold: float | None,
+        size: tuple[int, int],
+        return_logits: bool,
     ) -> SegmentationResult:
-        size = embedding.image_size if output_size == "original" else tuple(output_size)
-        masks, labels, index, classes = [], [], [], []
-        for i, pairs in enumerate(raw):
-            for entry, mask in pairs:
-                parts = [mask]
-                if level == "instance" or (level == "panoptic" and entry.get("isthing", True)):
-                    parts = _components(mask)
-                for part in parts:
-                    if level != "semantic" and not part.any():
-                        continue
-                    masks.append(part)
-                    labels.append(entry["label"])
-                    index.append(i)
-                    classes.append(
-                        entry["object_id"]
-                        if level == "identity" and entry["object_id"] is not None
-                        else entry["class_id"]
-                    )
+        """Masks of every entry at one level, or at every level ("all"; panoptic id map set)."""
+        levels = [lvl for lvl in self.levels if lvl != "all"] if level == "all" else [level]
+        masks, labels, index, classes, level_of = [], [], [], [], []
+        for lvl in levels:
+            for i, pairs in enumerate(raw):
+                for entry, mask in pairs:
+                    parts = [mask]
+                    if lvl == "instance" or (lvl == "panoptic" and entry.get("isthing", True)):
+                        parts = _components(mask)
+                    for part in parts:
+                        if lvl != "semantic" and not part.any():
+                            continue
+                        masks.append(part)
+                        labels.append(entry["label"])
+                        index.append(i)
+                        level_of.append(lvl)
+                        classes.append(
+                            entry["object_id"]
+                            if lvl == "identity" and entry["object_id"] is not None
+                            else entry["class_id"]
+                        )
         h, w = embedding.image_size
         stack = torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.bool)
         stack = resize_mask(stack, size)
-        logits = (stack.float() * 20 - 10) if return_logits else None
         result = SegmentationResult(
             masks=stack,
             scores=stack.flatten(1).any(dim=1).float(),
             labels=labels,
             prompt_index=torch.tensor(index, dtype=torch.int64),
-            level=[level] * len(labels),
+            level=level_of,
             class_ids=torch.tensor(classes, dtype=torch.int64),
-            logits=logits,
-            image=embedding.image if size == embedding.image_size else None,
-            meta={"model": self.card.name, "tag": self.card.tag},
+            logits=(stack.float() * 20 - 10) if return_logits else None,
         )
-        if level == "panoptic":
+        if "panoptic" in levels:
             result.panoptic = _panoptic(result, raw)
         return result
 
@@ -280,7 +279,9 @@ def _panoptic(result: SegmentationResult, raw: list) -> dict:
     id_map = torch.zeros(result.image_size, dtype=torch.int32)
     segments = []
     thing = {e["class_id"]: e.get("isthing", True) for pairs in raw for e, _ in pairs}
-    for k, (mask, cls) in enumerate(zip(result.masks, result.class_ids.tolist(), strict=True)):
-        id_map[mask] = k + 1
+    panoptic = [k for k, lvl in enumerate(result.level) if lvl == "panoptic"]
+    for k, row in enumerate(panoptic):
+        cls = int(result.class_ids[row])
+        id_map[result.masks[row]] = k + 1
         segments.append({"id": k + 1, "category_id": cls, "isthing": thing[cls], "score": 1.0})
     return {"id_map": id_map, "segments_info": segments}

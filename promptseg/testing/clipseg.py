@@ -59,12 +59,19 @@ def hf_model(spec: dict, refined: bool, reduce_dim: int | None = None):
     return model
 
 
-def ours_from(hf, name: str, config_overrides: dict | None = None):
-    card = model_info(name)
-    if config_overrides:
-        from dataclasses import replace
-
-        card = replace(card, config={**card.config, **config_overrides})
-    model = build_model(card).eval()
+def ours_from(hf, name: str, head: dict | None = None):
+    """promptseg's model `name` (head config overrides merged in) with `hf`'s weights."""
+    model = build_model(model_info(name, head=head)).eval()
     model.load_state_dict(hf_to_native(hf.state_dict()), strict=True)
     return model
+
+
+def openai_clip_state(model) -> dict:
+    """A promptseg CLIPSeg's CLIP weights under OpenAI CLIP key names (`visual.*`, text tower)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("backbone.visual."):
+            out[k[len("backbone.") :]] = v
+        elif k.startswith("text_encoder."):
+            out[k[len("text_encoder.") :]] = v
+    return out

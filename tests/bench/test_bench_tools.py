@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from promptseg.cli import main
 from promptseg.data.episodes import episode_digest, episodes, serialize_episodes
@@ -152,3 +154,34 @@ def test_bench_run_executes_a_suite(tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_bench_run_lines_share_no_process_state_and_failures_are_counted(
+    tmp_path, capsys, monkeypatch
+):
+    """Each suite line runs in its own process: `--no-tf32` of one line (a process-wide torch
+    flag) changes neither the `bench run` process nor a later line; a failing line is counted,
+    its error shown, and the suite goes on."""
+    make_mini_fewshot(tmp_path / "data", datasets=("pascal5i",))
+    monkeypatch.setenv("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", "1")  # TF32 on where not turned off
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    fss = (
+        "  - promptseg eval fss --dataset pascal5i --model test_colorkey --data-root ${DATA_ROOT}"
+        " --splits-dir ${DATA_ROOT}/splits --episodes 2"
+    )
+    failing = "  - promptseg eval perseg --model test_empty --data-root ${DATA_ROOT}"
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"name: tf32\nruns:\n{fss} --fold 0 --no-tf32\n{failing}\n{fss} --fold 1\n")
+    argv = ["bench", "run", str(suite), "--data-root", str(tmp_path / "data")]
+    assert main([*argv, "--out", str(tmp_path / "runs")]) == 1
+    captured = capsys.readouterr()
+    assert "2 of 3 runs succeeded" in captured.out
+    assert "promptseg eval perseg: error: PerSeg: layout not found" in captured.err
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+    tf32 = {
+        fold: json.loads(
+            (tmp_path / "runs/fss/pascal5i" / fold / "1/test_colorkey/result.json").read_text()
+        )["env"]["tf32"]
+        for fold in ("0", "1")
+    }
+    assert tf32 == {"0": False, "1": True}

@@ -140,9 +140,9 @@ def test_batch_size_and_workers_change_the_calls_not_the_numbers(mini, tmp_path,
     threads: set[str] = set()
     encode, query = ColorKey.encode_prompt, FewShotDataset.query
 
-    def counting_encode(self, prompts):
+    def counting_encode(self, prompts, level=None):
         sizes.append(len(prompts))
-        return encode(self, prompts)
+        return encode(self, prompts, level)
 
     def loading_query(self, ep):
         threads.add(threading.current_thread().name)

@@ -151,13 +151,13 @@ def _count_model_calls(monkeypatch):
     calls = {"encode_prompt": 0, "encode_image": 0}
     encode_prompt, encode_image = ColorKey.encode_prompt, ColorKey.encode_image
 
-    def counting_prompt(self, prompts):
+    def counting_prompt(self, prompts, level=None):
         calls["encode_prompt"] += 1
-        return encode_prompt(self, prompts)
+        return encode_prompt(self, prompts, level)
 
-    def counting_image(self, pixels):
+    def counting_image(self, pixels, input="default"):
         calls["encode_image"] += 1
-        return encode_image(self, pixels)
+        return encode_image(self, pixels, input)
 
     monkeypatch.setattr(ColorKey, "encode_prompt", counting_prompt)
     monkeypatch.setattr(ColorKey, "encode_image", counting_image)
@@ -193,3 +193,31 @@ def test_fsis_resume_skips_finished_seeds(mini, tmp_path, monkeypatch, interrupt
     assert resumed["per_seed"] == full["per_seed"] and resumed["metrics"] == full["metrics"]
     assert 0 < full["metrics"]["AP"] < 100
     assert not list(run.rglob("progress.json"))
+
+
+def test_ovseg_segments_each_image_once_for_every_task(mini, tmp_path, monkeypatch):
+    """PQ, AP and mIoU all read one level="all" result per image (one forward, several levels)."""
+    from promptseg.models.testing import ColorKey
+
+    levels = []
+    segment = ColorKey.segment
+
+    def counting(self, image, prompt, **kwargs):
+        levels.append(kwargs.get("level"))
+        return segment(self, image, prompt, **kwargs)
+
+    monkeypatch.setattr(ColorKey, "segment", counting)
+    res, _ = ovseg(mini, tmp_path, "test_colorkey", "coco-panoptic")
+    assert res["tasks"] == ["pq", "ap", "miou"]
+    assert levels == ["all"] * res["n_images"] and res["n_images"] > 0
+    assert res["metrics"]["PQ"] == res["metrics"]["AP"] == res["metrics"]["mIoU"] == 100.0
+
+
+def test_ovseg_names_a_level_the_model_lacks(mini, tmp_path, monkeypatch, capsys):
+    from promptseg.models.testing import ColorKey
+
+    monkeypatch.setattr(ColorKey, "levels", ("semantic", "panoptic", "all"))
+    argv = ["eval", "ovseg", "--dataset", "coco-panoptic", "--model", "test_colorkey"]
+    assert main([*argv, "--data-root", str(mini), "--out", str(tmp_path), "--tasks", "pq,ap"]) == 2
+    err = capsys.readouterr().err
+    assert "test_colorkey has no 'instance' output, which --tasks ap scores" in err

@@ -19,7 +19,9 @@ from promptseg.metrics.davis import (
     evaluate_davis,
     f_measure,
     j_measure,
+    object_scores,
     seg2bmap,
+    summarize,
 )
 
 
@@ -176,6 +178,20 @@ def test_db_statistics_two_frames_and_long_sequences():
     v = np.linspace(1.0, 0.0, 300)  # > 255 frames: int64 bins (the reference's uint8 overflows)
     _, _, d = db_statistics(v)
     assert d == pytest.approx(v[:76].mean() - v[224:].mean())
+
+
+def test_object_scores_and_their_mean_over_objects():
+    """One row per object (DV-1 frames), J&F = mean of the object means of J and F."""
+    gt = np.stack([GT20, GT20])
+    shifted = object_scores("seq", 1, ["00001", "00002"], gt, np.stack([square(20, 5, 10, 1)] * 2))
+    perfect = object_scores("seq", 2, ["00001", "00002"], gt, gt)
+    assert shifted["name"] == "seq_1" and shifted["F"] == [1.0, 1.0]
+    assert shifted["J"] == pytest.approx([5 / 7, 5 / 7]) and shifted["J-Decay"] == 0.0
+    out = summarize([shifted, perfect], ["seq"])
+    assert out["J-Mean"] == pytest.approx((5 / 7 + 1) / 2) and out["F-Mean"] == 1.0
+    assert out["J&F-Mean"] == pytest.approx(((5 / 7 + 1) / 2 + 1) / 2)
+    assert out["n_objects"] == 2 and out["per_object"] == [shifted, perfect]
+    assert np.isnan(summarize([], [])["J&F-Mean"])
 
 
 # --- evaluate_davis on a synthetic DAVIS root ----------------------------------------------------

@@ -1,6 +1,6 @@
-"""SINE training: Hungarian matching of instance queries and the set losses (specs/sine.md §3).
+"""SINE's set loss (specs/sine.md §3): identity matching of ID queries and the criterion.
 
-Instance queries are matched per target image (scipy `linear_sum_assignment`) on
+Instance queries are matched per target image by the Hungarian matcher (layers/matching.py) on
 2 x (-class prob) + 5 x point BCE + 5 x point dice; ID queries are matched by identity.
 Losses: instance CE (no-object weight 0.1), ID CE (weights [1, 0.1]), Mask2Former
 importance-sampled point BCE + dice(+1) normalised by the number of matched masks; the same
@@ -11,83 +11,19 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-__all__ = [
-    "HungarianMatcher",
-    "SINECriterion",
-    "point_sample",
-    "uncertain_point_coords",
-    "batch_sigmoid_ce",
-    "batch_dice",
-    "sigmoid_ce_loss",
-    "dice_loss",
-    "match_ids",
-]
+from ..layers.matching import (
+    HungarianMatcher,
+    Match,
+    dice_loss,
+    point_sample,
+    sigmoid_ce_loss,
+    uncertain_point_coords,
+)
+from .mformer import unbatch
 
-Match = tuple[Tensor, Tensor]  # (prediction indices [k], target indices [k]), int64
-
-
-def point_sample(x: Tensor, coords: Tensor) -> Tensor:
-    """Bilinear samples of x [B, C, H, W] at coords [B, P, 2] in [0, 1]^2 (x, y) -> [B, C, P]."""
-    return F.grid_sample(x, 2.0 * coords[:, :, None] - 1.0, align_corners=False)[..., 0]
-
-
-def _rand(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Uniform [0, 1) on `like`'s device (drawn on the generator's device, then moved)."""
-    device = generator.device if generator is not None else like.device
-    return torch.rand(shape, generator=generator, device=device).to(like.device, like.dtype)
-
-
-def uncertain_point_coords(
-    logits: Tensor,
-    num_points: int,
-    oversample_ratio: float,
-    importance_ratio: float,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """PointRend sampling for logits [K, 1, H, W] -> coords [K, P, 2]: the most uncertain
-    (-|logit|) int(ratio * P) of int(P * oversample) uniform draws, plus uniform points."""
-    k = logits.shape[0]
-    n_sampled = int(num_points * oversample_ratio)
-    n_uncertain = int(importance_ratio * num_points)
-    coords = _rand((k, n_sampled, 2), logits, generator)  # [K, P*os, 2]
-    uncertainty = -point_sample(logits, coords)[:, 0].abs()  # [K, P*os]
-    idx = uncertainty.topk(n_uncertain, dim=1).indices  # [K, P*ratio]
-    coords = torch.gather(coords, 1, idx[..., None].expand(-1, -1, 2))
-    if num_points > n_uncertain:
-        coords = torch.cat([coords, _rand((k, num_points - n_uncertain, 2), logits, generator)], 1)
-    return coords
-
-
-def batch_sigmoid_ce(inputs: Tensor, targets: Tensor) -> Tensor:
-    """Pairwise mean BCE-with-logits: inputs [Q, P] logits, targets [T, P] in {0,1} -> [Q, T]."""
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
-    cost = torch.einsum("qp,tp->qt", pos, targets) + torch.einsum("qp,tp->qt", neg, 1 - targets)
-    return cost / inputs.shape[1]
-
-
-def batch_dice(inputs: Tensor, targets: Tensor) -> Tensor:
-    """Pairwise dice loss with +1 smoothing: inputs [Q, P] logits, targets [T, P] -> [Q, T]."""
-    p = inputs.sigmoid()
-    numerator = 2 * torch.einsum("qp,tp->qt", p, targets)
-    denominator = p.sum(-1)[:, None] + targets.sum(-1)[None, :]
-    return 1 - (numerator + 1) / (denominator + 1)
-
-
-def sigmoid_ce_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
-    """Point BCE, mean over points [K, P], summed over masks / num_masks -> scalar."""
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    return loss.mean(1).sum() / (num_masks + 1e-8)
-
-
-def dice_loss(inputs: Tensor, targets: Tensor, num_masks: float) -> Tensor:
-    """Dice(+1) of logits [K, P] vs targets [K, P], summed over masks / num_masks -> scalar."""
-    p = inputs.sigmoid()
-    loss = 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
-    return loss.sum() / (num_masks + 1e-8)
+__all__ = ["SINECriterion", "match_ids"]
 
 
 def match_ids(ref_ids: Tensor, target_ids: Tensor) -> Match:
@@ -96,57 +32,6 @@ def match_ids(ref_ids: Tensor, target_ids: Tensor) -> Match:
     src = torch.nonzero(eq.any(1)).flatten()
     tgt = eq.int().argmax(1)[src]  # first target with that id
     return src.cpu().long(), tgt.cpu().long()
-
-
-class HungarianMatcher:
-    """Optimal one-to-one assignment of S instance queries to T target instances (one image)."""
-
-    def __init__(
-        self,
-        cost_class: float = 2.0,
-        cost_mask: float = 5.0,
-        cost_dice: float = 5.0,
-        num_points: int = 12544,
-    ) -> None:
-        self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
-        self.num_points = num_points
-
-    @torch.no_grad()
-    def cost_matrix(
-        self,
-        pred_logits: Tensor,
-        pred_masks: Tensor,
-        labels: Tensor,
-        masks: Tensor,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Cost [S, T] for logits [S, M+1], mask logits [S, h, w], labels [T], masks [T, H, W].
-
-        BCE / dice on num_points uniform points shared by every prediction and target.
-        """
-        coords = _rand((1, self.num_points, 2), pred_masks.float(), generator)  # [1, P, 2]
-        tgt = point_sample(masks[None].to(coords), coords)[0]  # [T, P]
-        out = point_sample(pred_masks[None].float(), coords)[0]  # [S, P]
-        cost_class = -pred_logits.float().softmax(-1)[:, labels]  # [S, T]
-        return (
-            self.cost_mask * batch_sigmoid_ce(out, tgt)
-            + self.cost_class * cost_class
-            + self.cost_dice * batch_dice(out, tgt)
-        )
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        pred_logits: Tensor,
-        pred_masks: Tensor,
-        labels: Tensor,
-        masks: Tensor,
-        generator: torch.Generator | None = None,
-    ) -> Match:
-        """Matched (query indices, target indices), min(S, T) pairs, sorted by query."""
-        cost = self.cost_matrix(pred_logits, pred_masks, labels, masks, generator)
-        rows, cols = linear_sum_assignment(cost.cpu().numpy())
-        return torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)
 
 
 def _world_mean(x: Tensor) -> Tensor:
@@ -160,10 +45,12 @@ def _world_mean(x: Tensor) -> Tensor:
 class SINECriterion(nn.Module):
     """SINE set loss over the final stage and every auxiliary stage -> weighted loss dict.
 
-    outputs: one head output dict per target (or a list of them). targets: per target a dict
-    with `labels` [T] (index of the class in the reference's sorted class list, 0..M-1),
-    `masks` [T, H, W] (padded canvas), and optionally `ids` [T] and `ref_ids` [N] (identity of
-    each ID token) for the ID matching. The training loss is `sum(losses.values())`.
+    outputs: the head's batched output dict (tensors [B, ...], `aux_outputs` likewise).
+    targets: one dict per batch item (a lone dict when B = 1) with `labels` [T] (index of the
+    class in the reference's sorted class list, 0..M-1), `masks` [T, H, W] (padded canvas), and
+    optionally `ids` [T] and `ref_ids` [N] (identity of each ID token) for the ID matching.
+    Matching and the stage losses work per item (`stage` = one head dict per item, no batch
+    axis). The training loss is `sum(losses.values())`.
     """
 
     def __init__(
@@ -301,19 +188,24 @@ class SINECriterion(nn.Module):
 
     def forward(
         self,
-        outputs: dict | list[dict],
+        outputs: dict,
         targets: dict | list[dict],
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
         """Weighted losses `loss_*` (final stage) and `loss_*_{i}` (auxiliary stage i)."""
-        if isinstance(outputs, dict):
-            outputs, targets = [outputs], [targets]
-        final = [{k: v for k, v in o.items() if k != "aux_outputs"} for o in outputs]
+        items = unbatch(outputs)
+        targets = [targets] if isinstance(targets, dict) else list(targets)
+        if len(targets) != len(items):
+            raise ValueError(
+                f"the head output holds {len(items)} targets but {len(targets)} target dicts "
+                "were given; pass one per batch item"
+            )
+        final = [{k: v for k, v in o.items() if k != "aux_outputs"} for o in items]
         raw, num_masks = self.stage_losses(final, targets, generator=generator)
         losses = {k: v * self.weights[k] for k, v in raw.items()}
         if self.deep_supervision:
-            for i in range(len(outputs[0].get("aux_outputs", []))):
-                aux = [o["aux_outputs"][i] for o in outputs]
+            for i in range(len(outputs["aux_outputs"])):
+                aux = [o["aux_outputs"][i] for o in items]
                 raw, _ = self.stage_losses(aux, targets, num_masks, generator)
                 losses.update({f"{k}_{i}": v * self.weights[k] for k, v in raw.items()})
         return losses
