@@ -17,7 +17,7 @@ from torch import nn
 
 from ..contracts import FEATURE_KINDS, FeatureInfo
 
-__all__ = ["Backbone", "IMAGENET_DATA_CONFIG"]
+__all__ = ["Backbone", "IMAGENET_DATA_CONFIG", "vit_taps", "vit_feature_info"]
 
 #: preprocessing of ImageNet-trained encoders (DINOv2, timm ViTs); CLIP has its own statistics.
 IMAGENET_DATA_CONFIG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -71,3 +71,19 @@ class Backbone(nn.Module, ABC):
         """The installed attention processors by layer name (empty without diffusers layers)."""
         owner = self.attention_owner()
         return dict(owner.attn_processors) if owner is not None else {}
+
+
+def vit_taps(output: str, taps: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """Blocks a ViT adapter returns: `taps` for vit_tokens, the last block for feature_map."""
+    chosen = tuple(int(t) for t in taps) if output == "vit_tokens" else (depth - 1,)
+    if not chosen or max(chosen) >= depth or min(chosen) < 0:
+        raise ValueError(f"taps {list(chosen)} must be block indices of a {depth}-block ViT")
+    return chosen
+
+
+def vit_feature_info(output: str, taps: tuple[int, ...], width: int, patch: int) -> FeatureInfo:
+    """What a ViT adapter returns: {"map"} for feature_map, {"block<i>"} per tap for vit_tokens."""
+    if output == "feature_map":
+        return FeatureInfo("feature_map", ("map",), (width,), (patch,))
+    keys = tuple(f"block{i}" for i in taps)
+    return FeatureInfo("vit_tokens", keys, (width,) * len(keys), (patch,) * len(keys))

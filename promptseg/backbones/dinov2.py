@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..contracts import FeatureInfo
 from ..registry import register_backbone
-from .base import Backbone
+from .base import Backbone, vit_feature_info, vit_taps
 
 __all__ = ["DINOv2", "DINOV2_ARCHS", "dinov2_position_table"]
 
@@ -109,9 +109,7 @@ class DINOv2(Backbone):
             raise ValueError("DINOv2 adapter expects one CLS token and a CLS row in pos_embed")
         self.patch_size = PATCH_SIZE
         depth = len(self.vit.blocks)
-        self.taps = tuple(int(t) for t in taps) if self.output == "vit_tokens" else (depth - 1,)
-        if not self.taps or max(self.taps) >= depth or min(self.taps) < 0:
-            raise ValueError(f"taps {list(self.taps)} must be block indices of a {depth}-block ViT")
+        self.taps = vit_taps(self.output, taps, depth)
         self._pos_cache: dict[tuple[int, int], tuple[Any, tuple[Any, ...], torch.Tensor]] = {}
         if frozen:
             self.requires_grad_(False)
@@ -157,12 +155,7 @@ class DINOv2(Backbone):
 
     @property
     def feature_info(self) -> FeatureInfo:
-        width = int(self.vit.embed_dim)
-        if self.output == "feature_map":
-            return FeatureInfo("feature_map", ("map",), (width,), (PATCH_SIZE,))
-        n = len(self.taps)
-        keys = tuple(f"block{i}" for i in self.taps)
-        return FeatureInfo("vit_tokens", keys, (width,) * n, (PATCH_SIZE,) * n)
+        return vit_feature_info(self.output, self.taps, int(self.vit.embed_dim), PATCH_SIZE)
 
     def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
         """feature_map: {"map": [B, C, H/14, W/14]}, the last block before the final norm, CLS

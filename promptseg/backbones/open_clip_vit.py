@@ -20,7 +20,7 @@ from torch import nn
 
 from ..contracts import FeatureInfo
 from ..registry import register_backbone
-from .base import Backbone
+from .base import Backbone, vit_feature_info, vit_taps
 
 __all__ = ["OpenCLIPViT", "OpenCLIPText", "resize_position_embedding"]
 
@@ -101,11 +101,7 @@ class OpenCLIPViT(Backbone):
             ),
             quick_gelu=True,
         )
-        self.taps = tuple(int(t) for t in taps) if self.output == "vit_tokens" else (layers - 1,)
-        if not self.taps or max(self.taps) >= layers or min(self.taps) < 0:
-            raise ValueError(
-                f"taps {list(self.taps)} must be block indices of a {layers}-block ViT"
-            )
+        self.taps = vit_taps(self.output, taps, layers)
         self.patch_size = int(patch_size)
         self.width = int(width)
         if frozen:
@@ -113,11 +109,7 @@ class OpenCLIPViT(Backbone):
 
     @property
     def feature_info(self) -> FeatureInfo:
-        if self.output == "feature_map":
-            return FeatureInfo("feature_map", ("map",), (self.width,), (self.patch_size,))
-        keys = tuple(f"block{i}" for i in self.taps)
-        n = len(keys)
-        return FeatureInfo("vit_tokens", keys, (self.width,) * n, (self.patch_size,) * n)
+        return vit_feature_info(self.output, self.taps, self.width, self.patch_size)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """Patch + CLS tokens plus the position table resized to the input's grid, after ln_pre."""

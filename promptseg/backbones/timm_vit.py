@@ -15,7 +15,7 @@ import torch
 
 from ..contracts import FeatureInfo
 from ..registry import register_backbone
-from .base import Backbone
+from .base import Backbone, vit_feature_info, vit_taps
 
 __all__ = ["TimmViT"]
 
@@ -46,9 +46,7 @@ class TimmViT(Backbone):
                 f"{arch!r} has {getattr(self.vit, 'num_prefix_tokens', 'no')} prefix tokens"
             )
         depth = len(self.vit.blocks)
-        self.taps = tuple(int(t) for t in taps) if self.output == "vit_tokens" else (depth - 1,)
-        if not self.taps or max(self.taps) >= depth or min(self.taps) < 0:
-            raise ValueError(f"taps {list(self.taps)} must be block indices of a {depth}-block ViT")
+        self.taps = vit_taps(self.output, taps, depth)
         self.patch_size = int(self.vit.patch_embed.patch_size[0])
         self.width = int(self.vit.embed_dim)
         if frozen:
@@ -56,11 +54,7 @@ class TimmViT(Backbone):
 
     @property
     def feature_info(self) -> FeatureInfo:
-        if self.output == "feature_map":
-            return FeatureInfo("feature_map", ("map",), (self.width,), (self.patch_size,))
-        n = len(self.taps)
-        keys = tuple(f"block{i}" for i in self.taps)
-        return FeatureInfo("vit_tokens", keys, (self.width,) * n, (self.patch_size,) * n)
+        return vit_feature_info(self.output, self.taps, self.width, self.patch_size)
 
     def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
         """vit_tokens: {"block<i>": [B, 1 + gh*gw, C]}; feature_map: {"map": [B, C, gh, gw]}."""

@@ -50,12 +50,11 @@ __all__ = ["SINE"]
 
 PROTOCOL = {"semantic": "fss", "identity": "fss", "instance": "fsod"}  # level -> pre-processing
 INPUT = {"fss": "default", "fsod": "instance"}  # protocol -> named data config
-LEVELS = tuple(PROTOCOL)
 
 
 def protocols_for(level: str) -> tuple[str, ...]:
     """Pre-processing protocols an output level needs ("all": every protocol)."""
-    levels = LEVELS if level == "all" else (level,)
+    levels = tuple(PROTOCOL) if level == "all" else (level,)
     return tuple(dict.fromkeys(PROTOCOL[lvl] for lvl in levels))
 
 
@@ -287,7 +286,7 @@ class SINE(SINEVideo, PromptSegModel):
         """Masks per requested level (or all three), at the output size."""
         parts = []
         for i, (prompt, outs) in enumerate(raw):
-            for lvl in LEVELS if level == "all" else (level,):
+            for lvl in tuple(PROTOCOL) if level == "all" else (level,):
                 proto = PROTOCOL[lvl]
                 frame = (
                     self.canvas(proto),
