@@ -55,3 +55,24 @@ def scene():
     b = np.zeros((60, 90), bool)
     b[42:58, 5:30] = True
     return img, a, b
+
+
+def pytest_configure(config):
+    """Hypothesis: seeded (derandomized), no deadline; `--hypothesis-profile thorough` for more."""
+    from hypothesis import settings
+
+    settings.register_profile("promptseg", derandomize=True, deadline=None, print_blob=True)
+    settings.register_profile("thorough", derandomize=False, deadline=None, max_examples=2000)
+    if not config.getoption("hypothesis_profile", None):
+        settings.load_profile("promptseg")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The property-based tests' outcome counts (tests/robustness.py)."""
+    from tests.robustness import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("generated inputs: outcomes")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -402,6 +402,7 @@ class PromptSegModel(nn.Module, ABC):
             "threshold": threshold,
             "input_size": self.input_size(embedding.image_size, first_input),
             "output_size": size,
+            "weights_sha256": getattr(self.card, "weights_sha256", None),
             **result.meta,
             "timings": {**result.meta.get("timings", {}), **timings},
         }
