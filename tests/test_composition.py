@@ -11,16 +11,17 @@ import pytest
 import torch
 
 import promptseg
-from promptseg.backbones.base import Backbone
+from promptseg.backbones.diffusers_unet import DiffusersUNet
 from promptseg.cli import main
 from promptseg.contracts import FeatureInfo
 from promptseg.errors import IncompatibleComponentsError, UnsupportedPromptError
 from promptseg.heads.film_decoder import FiLMDecoder
 from promptseg.models.base import PromptSegModel, compose
-from promptseg.registry import BACKBONES, MODELS, register_backbone, register_model
+from promptseg.registry import MODELS, register_model
 from promptseg.result import SegmentationResult
 from promptseg.weights import save_state_dict_file
 from promptseg.zoo import build_model, model_info
+from tests.test_kv_bank import TINY_UNET
 
 VITSEG = {"name": "timm_vit", "arch": "vit_base_patch16_224.augreg_in21k"}
 # a timm ViT of the tiny CLIPSeg's width, so the rest of a tiny CLIPSeg checkpoint fits it
@@ -28,43 +29,6 @@ TINY_VIT = {"name": "timm_vit", "arch": "vit_base_patch16_224", "embed_dim": 64,
             "num_heads": 4}  # fmt: skip
 CLIP_FOR_SINE = {"name": "open_clip_vit", "embed_dim": 32, "width": 32, "layers": 2, "heads": 2,
                  "patch_size": 16}  # fmt: skip
-
-
-class _TinyUNet(Backbone):
-    """A diffusers UNet as a conditioned backbone: taps of its down blocks (unet_taps)."""
-
-    provides = ("unet_taps",)
-
-    def __init__(self, output: str | None = None) -> None:
-        super().__init__(output)
-        from diffusers import UNet2DConditionModel
-
-        self.unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=8,
-            attention_head_dim=2,
-            norm_num_groups=4,
-        )
-
-    @property
-    def feature_info(self) -> FeatureInfo:
-        return FeatureInfo("unet_taps", ("sample",), (3,), (1,))
-
-    def attention_owner(self) -> torch.nn.Module:
-        return self.unet
-
-    def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
-        return {"sample": self.unet(pixels, **conditioning).sample}
-
-
-if "test_tiny_unet" not in BACKBONES:
-    register_backbone("test_tiny_unet")(_TinyUNet)
 
 
 def test_vitseg_builds_segments_and_trains():
@@ -146,12 +110,11 @@ def test_train_sine_on_the_combination(tmp_path, capsys):
 
 
 def test_incompatible_pair_names_both_contracts():
-    with pytest.raises(IncompatibleComponentsError, match="test_tiny_unet.*unet_taps.*vit_tokens"):
-        promptseg.create_model(
-            "clipseg_test_tiny", pretrained=False, backbone={"name": "test_tiny_unet"}
-        )
-    with pytest.raises(IncompatibleComponentsError, match="film_decoder"):
-        compose({"name": "test_tiny_unet"}, {"name": "film_decoder"})
+    unet = {"name": "diffusers_unet", "unet": TINY_UNET}
+    with pytest.raises(IncompatibleComponentsError, match="diffusers_unet.*unet_taps.*vit_tokens"):
+        promptseg.create_model("clipseg_test_tiny", pretrained=False, backbone=unet)
+    with pytest.raises(IncompatibleComponentsError, match="mformer"):
+        compose(unet, {"name": "mformer"})
 
 
 def test_overrides_merge_and_unknown_keys_fail():
@@ -192,12 +155,12 @@ def test_cli_config_flag_and_component_listing(capsys):
 def test_attention_processors_install_on_diffusers_backbones():
     from diffusers.models.attention_processor import AttnProcessor
 
-    unet = _TinyUNet()
+    unet = DiffusersUNet(TINY_UNET)
     processors = unet.attention_processors
     assert processors and all("attn" in name for name in processors)
     unet.set_attention_processor(AttnProcessor())
     assert all(isinstance(p, AttnProcessor) for p in unet.attention_processors.values())
-    x = torch.randn(1, 3, 8, 8)
+    x = torch.randn(1, 4, 8, 8)
     out = unet.forward_features(x, timestep=1, encoder_hidden_states=torch.randn(1, 2, 8))
     assert out["sample"].shape == x.shape  # conditioning reaches the backbone
     clip = build_model(model_info("clipseg_test_tiny")).backbone
