@@ -1,0 +1,125 @@
+"""DiffewS: one-step image-to-mask numerics, the fused single pass vs the official two passes,
+support banks reused across queries, per-component dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+import promptseg
+from promptseg.models.diffews import SupportBank, quantized_map, relative_mask
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = promptseg.create_model("diffews_test_tiny", pretrained=False)
+    with torch.no_grad():
+        model.empty_prompt_embedding.normal_()
+    return model
+
+
+@pytest.fixture
+def episode():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    ref = rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)
+    mask = np.zeros((36, 36), bool)
+    mask[5:30, 8:28] = True
+    return img, ref, mask
+
+
+def test_quantised_map_floors_and_the_threshold_is_relative_to_all_channels():
+    decoded = torch.tensor([[[[-2.0, 0.0]], [[0.999, -1.0]], [[0.5, 1.0]]]])  # [1, 3, 1, 2]
+    p = quantized_map(decoded)
+    # 255 * (0.5 * x + 0.5), floored: clamp(-2) -> 0, 0 -> 127 (127.5), 0.999 -> 254, 0.5 -> 191
+    assert (p * 255).round().flatten().tolist() == [0, 127, 254, 0, 191, 255]
+    # channel means 445/765 and 382/765; max over ALL channels is 255/255 = 1 -> thr 0.55
+    assert relative_mask(p, 0.55).tolist() == [[[True, False]]]
+    assert relative_mask(p, 0.2).tolist() == [[[True, True]]]
+    # strict >, and an all-zero map is empty
+    assert not relative_mask(torch.zeros(1, 3, 2, 2), 0.25).any()
+    same = torch.full((1, 3, 1, 1), 0.5)
+    assert not relative_mask(same, 1.0).any()
+
+
+def test_fused_pass_equals_the_two_official_passes(model, episode):
+    img, ref, mask = episode
+    prompt = promptseg.SupportSet([promptseg.VisualPrompt(ref, mask), (ref[::-1].copy(), mask)])
+    with torch.inference_mode():
+        (fused_bank,) = model.encode_prompt([prompt])
+        two_pass_bank = copy.copy(fused_bank)
+        z_q = model.embed_image(img).features["default"]
+        fused = model.query_pass(z_q, fused_bank)  # one call of batch 1 + K
+        model.support_pass(two_pass_bank)  # references alone, then the query
+        two_pass = model.query_pass(z_q, two_pass_bank)
+    torch.testing.assert_close(fused, two_pass, atol=1e-5, rtol=0)
+    assert fused_bank.layers.keys() == two_pass_bank.layers.keys()
+    for name, (k, _) in fused_bank.layers.items():
+        torch.testing.assert_close(k, two_pass_bank.layers[name][0], atol=1e-5, rtol=0)
+        assert k.shape[0] == 2  # K = 2 shots
+    a = model.segment(img, prompt_embeddings=[SupportBank(fused_bank.latents)], prompt=None)
+    b = model.segment(img, prompt_embeddings=[two_pass_bank], prompt=None)
+    assert torch.equal(a.masks, b.masks)
+
+
+def test_a_bank_serves_many_queries_and_matches_segment(model, episode):
+    img, ref, mask = episode
+    prompt = promptseg.VisualPrompt(ref, mask)
+    pred = promptseg.Predictor(model)
+    pred.set_prompt(prompt)
+    for image in (img, img[:, ::-1].copy()):
+        pred.set_image(image)
+        res = pred.predict(return_logits=True)
+        direct = model.segment(image, prompt, return_logits=True)
+        # the fused first call and the cached bank differ by ~1e-6 before the uint8 floor: a
+        # value at a quantisation step may move by one level (1 / 255 per channel)
+        torch.testing.assert_close(res.logits, direct.logits, atol=1.01 / 255, rtol=0)
+        assert (res.logits != direct.logits).float().mean() < 0.01
+        assert res.masks.shape == (1, *image.shape[:2])
+    assert pred._prompt_embeddings[0].layers is not None  # kept after the first query
+
+
+def test_relative_threshold_output_sizes_and_dtypes(model, episode):
+    img, ref, mask = episode
+    prompt = promptseg.VisualPrompt(ref, mask)
+    res = model.segment(img, prompt, output_size="input", return_logits=True)
+    assert res.masks.shape == (1, 32, 32) and res.meta["input_size"] == (32, 32)
+    assert res.meta["threshold"] == 0.25 and res.meta["threshold_mode"] == "relative"
+    with torch.inference_mode():
+        emb = model.embed_image(img)
+        raw = model.decode(emb.features, model.encode_prompt([prompt]), "semantic")
+    assert torch.equal(res.masks, raw.mean(dim=1) > 0.25 * raw.max())  # max over all channels
+    torch.testing.assert_close(res.logits, raw.mean(dim=1))
+    full = model.segment(img, prompt, threshold=0.5)
+    assert full.masks.shape == (1, 40, 60) and full.meta["threshold"] == 0.5
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert bf16.vae.encoder.conv_in.weight.dtype == torch.float32  # the VAE stays fp32
+    assert bf16.backbone.unet.conv_in.weight.dtype == torch.bfloat16
+    assert bf16.segment(img, prompt).masks.shape == (1, 40, 60)
+
+
+def test_support_sets_round_trip_through_prompt_files(model, episode, tmp_path):
+    img, ref, mask = episode
+    flipped = (ref[:, ::-1].copy(), mask[:, ::-1].copy())
+    prompts = [promptseg.VisualPrompt(ref, mask), promptseg.SupportSet([(ref, mask), flipped])]
+    banks = model.encode_prompt(prompts)
+    path = tmp_path / "support.safetensors"
+    model.save_prompt_embedding(banks, path)
+    loaded = model.load_prompt_embedding(path)
+    assert [b.shots for b in loaded] == [1, 2]
+    direct = model.segment(img, prompts, return_logits=True)
+    again = model.segment(img, loaded, return_logits=True)  # a prompt embedding as the prompt
+    torch.testing.assert_close(again.logits, direct.logits)
+    bad = tmp_path / "bad.safetensors"
+    meta = {"format": "promptseg.diffews_support", "prompts": "1"}
+    safetensors.torch.save_file({"0.latents": torch.full((1, 8, 4, 4), torch.nan)}, bad, meta)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.load_prompt_embedding(bad)
+    with pytest.raises(ValueError, match="not a DiffewS prompt file"):
+        safetensors.torch.save_file({"x": torch.zeros(1)}, bad)
+        model.load_prompt_embedding(bad)
