@@ -11,6 +11,7 @@ import safetensors.torch
 import torch
 
 import promptseg
+from promptseg.errors import CheckpointFormatError
 from promptseg.models.diffews import SupportBank, quantized_map, relative_mask
 
 
@@ -123,3 +124,35 @@ def test_support_sets_round_trip_through_prompt_files(model, episode, tmp_path):
     with pytest.raises(ValueError, match="not a DiffewS prompt file"):
         safetensors.torch.save_file({"x": torch.zeros(1)}, bad)
         model.load_prompt_embedding(bad)
+
+
+def _official_pipeline(model) -> dict[str, torch.Tensor]:
+    """The tiny model's weights under the released pipeline folder's key names."""
+    state = model.state_dict()
+    out = {k.replace("backbone.unet.", "unet."): v for k, v in state.items()}
+    out = {k.replace("conv_in_ref.", "unet.conv_in_ref."): v for k, v in out.items()}
+    return out
+
+
+def test_converter_maps_every_official_tensor(model):
+    from promptseg.convert.diffews import convert_diffews
+
+    official = _official_pipeline(model)
+    unet = {k[len("unet.") :]: v for k, v in official.items() if k.startswith("unet.")}
+    assert sum(not k.startswith("conv_in_ref.") for k in unet) == len(
+        model.backbone.unet.state_dict()
+    )
+    fresh = promptseg.create_model("diffews_test_tiny", pretrained=False)
+    fresh.load_state_dict(convert_diffews(official), strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    # a bare UNet: the VAE and the embedding come from the base pipeline component
+    base = {k: v for k, v in official.items() if not k.startswith("unet.")}
+    native = convert_diffews(unet, require=lambda name: base)
+    assert native.keys() == model.state_dict().keys()
+    with pytest.raises(CheckpointFormatError, match="stock Stable Diffusion UNet"):
+        convert_diffews({k: v for k, v in unet.items() if not k.startswith("conv_in_ref")})
+    with pytest.raises(CheckpointFormatError, match="base pipeline"):
+        convert_diffews(unet)
+    with pytest.raises(CheckpointFormatError, match="unknown DiffewS checkpoint layout"):
+        convert_diffews({"film_mul.weight": torch.zeros(1)})
