@@ -12,18 +12,20 @@ from PIL import Image
 
 from promptseg.cli import main
 from promptseg.errors import DatasetLayoutError
-from promptseg.train import (
+from promptseg.train.common import (
     CocoInstances,
-    PairSampler,
-    TrainConfig,
     build_optimiser,
-    large_scale_jitter,
     optimiser_step,
     parameter_groups,
+)
+from promptseg.train.sine import (
+    PairSampler,
+    large_scale_jitter,
     train_sine,
     trainable_model,
     training_pair,
 )
+from promptseg.train.sine import SINETrainConfig as TrainConfig
 from promptseg.weights import load_state_dict_file
 
 COLORS = {1: (200, 40, 40), 2: (40, 200, 40), 3: (40, 40, 200)}

@@ -129,15 +129,20 @@ class DiffewS(PromptSegModel):
         self.backbone.set_attention_processor(kv_bank_processors(self.backbone.unet, self.bank))
 
     # -- latents ------------------------------------------------------------------------------
-    def latents(self, pixels: Tensor) -> Tensor:
-        """Pixels in [-1, 1] [B, 3, H, W] -> scaled posterior-mean latents [B, 4, H/8, W/8]."""
-        return self.scaling * self.vae.encode(pixels.float()).latent_dist.mean
+    def latents(
+        self, pixels: Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Pixels in [-1, 1] [B, 3, H, W] -> scaled latents [B, 4, H/8, W/8]: the posterior mean
+        (inference), or a posterior sample (`sample=True`, as in training)."""
+        posterior = self.vae.encode(pixels.float()).latent_dist
+        z = posterior.sample(generator) if sample else posterior.mean
+        return self.scaling * z
 
     def encode_image(self, pixels: Tensor, input: str = "default") -> Tensor:
         """The query latent z_q [1, 4, h, w] (cached per image)."""
         return self.latents(pixels)
 
-    def _unet(self, x: Tensor, n_query: int) -> Tensor:
+    def unet_pass(self, x: Tensor, n_query: int) -> Tensor:
         """One UNet call at t = 1 with the empty prompt; input convs dispatched per row."""
         unet = self.backbone.unet
         conv_in = unet.conv_in
@@ -152,19 +157,27 @@ class DiffewS(PromptSegModel):
         return out["sample"]
 
     # -- prompts -------------------------------------------------------------------------------
+    def mask_pixels(self, mask: Tensor, size: tuple[int, int]) -> Tensor:
+        """bool mask [H, W] -> white-on-black RGB [1, 3, *size] in {-1, +1} (nearest resize),
+        what the VAE encodes for a support mask (and a training target)."""
+        mask = resize_mask(mask, size).float()
+        return (2.0 * mask - 1.0).expand(1, 3, -1, -1).to(self.device)
+
+    def support_latents(self, images: list[Tensor], masks: list[Tensor], **sample: Any) -> Tensor:
+        """[z_s ; z_m] [K, 8, h, w] of uint8 images [3, H, W] and bool masks [H, W] (same size):
+        image latents, then latents of the masks drawn as +-1 RGB."""
+        pixels = torch.cat([self.preprocess(image) for image in images])  # [K, 3, S, S]
+        size = tuple(pixels.shape[-2:])
+        drawn = torch.cat([self.mask_pixels(mask, size) for mask in masks]).to(pixels)
+        return torch.cat([self.latents(pixels, **sample), self.latents(drawn, **sample)], dim=1)
+
     def _support_latents(self, shots: tuple[VisualPrompt, ...]) -> Tensor:
-        """[z_s ; z_m] [K, 8, h, w]: image latents and latents of the masks drawn as +-1 RGB."""
-        images, masks = [], []
-        for shot in shots:
-            image = load_image(shot.image)
-            mask = load_mask(shot.mask, size=tuple(image.shape[-2:]))
-            pixels = self.preprocess(image)  # [1, 3, S, S] in [-1, 1]
-            mask = resize_mask(mask, tuple(pixels.shape[-2:]))
-            images.append(pixels)
-            masks.append((2.0 * mask.float() - 1.0).expand(1, 3, -1, -1).to(pixels))
-        z_s = self.latents(torch.cat(images))
-        z_m = self.latents(torch.cat(masks))
-        return torch.cat([z_s, z_m], dim=1)
+        """support_latents of prompt shots (loaded, masks resized to their images)."""
+        images = [load_image(shot.image) for shot in shots]
+        masks = [
+            load_mask(s.mask, size=tuple(i.shape[-2:])) for s, i in zip(shots, images, strict=True)
+        ]
+        return self.support_latents(images, masks)
 
     @torch.inference_mode()
     def encode_prompt(self, prompts: list[Prompt], level: str | None = None) -> list[SupportBank]:
@@ -244,13 +257,13 @@ class DiffewS(PromptSegModel):
     def support_pass(self, bank: SupportBank) -> SupportBank:
         """Run the references alone (the official first call) and keep their keys and values."""
         if bank.layers is None:
-            with self._bank("write"):
-                self._unet(bank.latents, n_query=0)
+            with self.bank_mode("write"):
+                self.unet_pass(bank.latents, n_query=0)
                 bank.layers = dict(self.bank.store)
         return bank
 
     @contextlib.contextmanager
-    def _bank(self, mode: str, n_query: int = 0, layers: dict | None = None) -> Iterator[None]:
+    def bank_mode(self, mode: str, n_query: int = 0, layers: dict | None = None) -> Iterator[None]:
         """The attention layers' K/V bank in `mode` for one UNet call, emptied afterwards."""
         self.bank.store = dict(layers or {})
         self.bank.set_mode(mode, n_query)
@@ -266,13 +279,13 @@ class DiffewS(PromptSegModel):
         [queries ; supports] the first time (the bank keeps the keys and values), then a call of
         the queries alone reading them."""
         if bank.layers is not None:
-            with self._bank("read", layers=bank.layers):
-                return self._unet(z_q, n_query=z_q.shape[0])
+            with self.bank_mode("read", layers=bank.layers):
+                return self.unet_pass(z_q, n_query=z_q.shape[0])
         n = z_q.shape[0]
         channels = bank.latents.shape[1]
         queries = F.pad(z_q, (0, 0, 0, 0, 0, channels - z_q.shape[1]))  # zero extra channels
-        with self._bank("fused", n_query=n):
-            v = self._unet(torch.cat([queries, bank.latents.to(queries)]), n_query=n)[:n]
+        with self.bank_mode("fused", n_query=n):
+            v = self.unet_pass(torch.cat([queries, bank.latents.to(queries)]), n_query=n)[:n]
             bank.layers = dict(self.bank.store)
         return v
 

@@ -27,40 +27,35 @@ image (a detectron2 mapper may transform the polygons instead): boundary pixels 
 
 from __future__ import annotations
 
-import json
-import math
 import os
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
-from timm.layers import LayerNorm2d
-from torch import nn
 from tqdm import tqdm
 
-from .data.fewshot import segmentation_to_mask
-from .errors import DatasetLayoutError
-from .heads.mformer_loss import SINECriterion
-from .overrides import merge
-from .registry import register_trainer
-from .transforms import preprocess
+from ..errors import DatasetLayoutError
+from ..heads.mformer_loss import SINECriterion
+from ..registry import register_trainer
+from ..transforms import preprocess
+from .common import (
+    CocoInstances,
+    TrainConfig,
+    build_optimiser,
+    optimiser_step,
+    pil_resize,
+    run_from_file,
+)
 
 __all__ = [
-    "TrainConfig",
-    "CocoInstances",
+    "SINETrainConfig",
     "View",
     "PairSampler",
     "large_scale_jitter",
-    "parameter_groups",
-    "lr_factor",
-    "build_optimiser",
-    "optimiser_step",
     "trainable_model",
     "train_sine",
     "train_from_file",
@@ -68,100 +63,23 @@ __all__ = [
 
 
 @dataclass
-class TrainConfig:
-    """What `promptseg train sine --config FILE.yaml` reads (keys as below)."""
+class SINETrainConfig(TrainConfig):
+    """What `promptseg train sine --config FILE.yaml` reads: the shared keys plus the pairs'."""
 
     model: str = "sine_dinov2l.coco_ade_o365"
-    annotations: str = ""  # COCO instances json (with segmentation masks)
-    images: str = ""  # folder the json's file_name entries are relative to
-    pretrained: bool = True
-    checkpoint: str | None = None
-    steps: int = 1000  # optimiser steps; the learning rate reaches 0 at the last one
-    batch_size: int = 1  # pairs accumulated per optimiser step (official: 64)
-    lr: float = 1e-4
-    weight_decay: float = 0.05
     warmup_steps: int = 100  # linear warmup from 0 to lr, then linear decay to 0 at `steps`
-    grad_clip: float | None = 1.0  # max global gradient norm; null: no clipping
     crop_pair_prob: float = 0.5  # probability that the target is the reference image itself
     jitter_scale: tuple[float, float] = (0.1, 2.0)  # large-scale jitter range (x canvas)
-    seed: int = 0
-    device: str | None = None
     out: str = "runs/train_sine"
-    save_every: int = 500
-    model_config: dict[str, Any] = field(default_factory=dict)  # create_model(config=) overrides
 
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a YAML mapping of the fields above; unknown keys are an error."""
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(
-                f"{path}: unknown keys {unknown}; known: {sorted(cls.__dataclass_fields__)}"
-            )
-        if isinstance(data.get("jitter_scale"), list):
-            data["jitter_scale"] = tuple(data["jitter_scale"])
-        return cls(**data)
-
-    def check(self) -> None:
-        """Raise ValueError naming the key to fix if the values cannot train."""
-        problems = []
-        if self.steps < 1 or self.batch_size < 1:
-            problems.append(f"steps ({self.steps}) and batch_size ({self.batch_size}) must be >= 1")
-        if not 0 <= self.warmup_steps < self.steps:
-            problems.append(
-                f"warmup_steps ({self.warmup_steps}) must be in [0, steps = {self.steps}); "
-                "lower warmup_steps or raise steps"
-            )
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            problems.append(f"grad_clip ({self.grad_clip}) must be > 0, or null for no clipping")
+    def problems(self) -> list[str]:
+        problems = super().problems()
         if not 0 <= self.crop_pair_prob <= 1:
             problems.append(f"crop_pair_prob ({self.crop_pair_prob}) must be in [0, 1]")
         scale = self.jitter_scale
         if not (isinstance(scale, tuple) and len(scale) == 2 and 0 < scale[0] <= scale[1]):
             problems.append(f"jitter_scale ({scale}) must be [min, max] with 0 < min <= max")
-        if problems:
-            raise ValueError("bad training config: " + "; ".join(problems))
-
-
-class CocoInstances:
-    """Images of a COCO instances json that have at least one non-crowd mask."""
-
-    def __init__(self, annotations: str | os.PathLike, images: str | os.PathLike) -> None:
-        path, self.root = Path(annotations), Path(images)
-        if not path.is_file():
-            raise DatasetLayoutError(f"COCO annotations not found: {path} (a COCO instances json)")
-        coco = json.loads(path.read_text(encoding="utf-8"))
-        anns: dict[int, list[dict]] = {}
-        for a in coco.get("annotations", []):
-            if not a.get("iscrowd", 0) and a.get("segmentation"):
-                anns.setdefault(a["image_id"], []).append(a)
-        self.images = [im for im in coco.get("images", []) if im["id"] in anns]
-        self.anns = {k: sorted(v, key=lambda a: a["category_id"]) for k, v in anns.items()}
-        if not self.images:
-            raise DatasetLayoutError(f"{path}: no image has a non-crowd segmentation annotation")
-        by_class: dict[int, list[int]] = {}
-        for i, im in enumerate(self.images):
-            for cat in sorted({a["category_id"] for a in self.anns[im["id"]]}):
-                by_class.setdefault(cat, []).append(i)
-        self.by_class = dict(sorted(by_class.items()))  # category id -> image indices
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(image uint8 [H, W, 3], masks bool [T, H, W], category ids [T], annotation ids [T])."""
-        info = self.images[i]
-        image = np.array(Image.open(self.root / info["file_name"]).convert("RGB"))
-        h, w = image.shape[:2]
-        anns = self.anns[info["id"]]
-        masks = np.stack([segmentation_to_mask(a["segmentation"], h, w) for a in anns])
-        return (
-            image,
-            masks,
-            np.array([a["category_id"] for a in anns]),
-            np.array([a["id"] for a in anns]),
-        )
+        return problems
 
 
 @dataclass
@@ -177,12 +95,6 @@ class View:
     def keep(self, rows: np.ndarray) -> View:
         """The view restricted to the instances selected by bool `rows` [T]."""
         return View(self.image, self.masks[rows], self.cats[rows], self.ids[rows], self.index)
-
-
-def pil_resize(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """PIL resize of a uint8 [H, W, 3] image or a bool [H, W] mask to `size` (h, w), same dtype."""
-    pil = Image.fromarray(np.ascontiguousarray(array).astype(np.uint8))
-    return np.asarray(pil.resize(size[::-1], resample)).astype(array.dtype)
 
 
 def large_scale_jitter(
@@ -284,59 +196,9 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
     return out, target
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into decayed and not decayed (nn.LayerNorm, nn.Embedding;
-    timm's channel-first LayerNorm2d, a LayerNorm subclass, is decayed as officially)."""
-    groups = {
-        True: {"params": [], "names": [], "weight_decay": weight_decay},
-        False: {"params": [], "names": [], "weight_decay": 0.0},
-    }
-    for prefix, sub in module.named_modules():
-        decay = isinstance(sub, LayerNorm2d) or not isinstance(sub, nn.LayerNorm | nn.Embedding)
-        for name, p in sub.named_parameters(recurse=False):
-            if p.requires_grad:
-                groups[decay]["params"].append(p)
-                groups[decay]["names"].append(f"{prefix}.{name}" if prefix else name)
-    return [g for g in groups.values() if g["params"]]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Learning rate of optimiser step `step` (0-based) as a fraction of lr (WarmupDecayLR)."""
-    if step < warmup:
-        return step / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def build_optimiser(
-    module: nn.Module, config: TrainConfig
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over `module`'s parameter groups and its per-step warmup-decay schedule."""
-    optimiser = torch.optim.AdamW(
-        parameter_groups(module, config.weight_decay), lr=config.lr, betas=(0.9, 0.999), eps=1e-8
-    )
-    factor = partial(lr_factor, warmup=config.warmup_steps, total=config.steps)
-    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
-
-
-def optimiser_step(
-    optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    max_norm: float | None,
-) -> float:
-    """Clip the accumulated gradients' global norm to `max_norm`, step; returns the norm before.
-
-    The clipped gradients stay on the parameters until the next `zero_grad`.
-    """
-    params = [p for g in optimiser.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
-    optimiser.step()
-    schedule.step()
-    return float(norm)
-
-
-def trainable_model(config: TrainConfig) -> Any:
+def trainable_model(config: SINETrainConfig) -> Any:
     """The configured model in training mode with its encoder frozen (no grad, eval mode)."""
-    from .zoo import create_model
+    from ..zoo import create_model
 
     model = create_model(
         config.model,
@@ -351,9 +213,9 @@ def trainable_model(config: TrainConfig) -> Any:
     return model
 
 
-def train_sine(config: TrainConfig, *, progress: bool = True) -> list[float]:
+def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]:
     """Run `config.steps` optimiser steps; returns the loss of every step; saves checkpoints."""
-    from .weights import save_state_dict_file
+    from ..weights import save_state_dict_file
 
     config.check()
     torch.manual_seed(config.seed)
@@ -392,13 +254,5 @@ def train_sine(config: TrainConfig, *, progress: bool = True) -> list[float]:
 
 @register_trainer("sine")
 def train_from_file(path: str | os.PathLike, **overrides: Any) -> str:
-    """`promptseg train sine --config FILE`: the YAML's TrainConfig, `overrides` (CLI flags that
-    were given) on top; returns the summary line the CLI prints."""
-    config = TrainConfig.from_yaml(path)
-    for key, value in overrides.items():
-        if key == "model_config" and value:
-            value = merge(config.model_config, value)
-        if value is not None:
-            setattr(config, key, value)
-    losses = train_sine(config)
-    return f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {config.out}"
+    """`promptseg train sine --config FILE`: train, return the summary line."""
+    return run_from_file(SINETrainConfig, train_sine, path, overrides)
