@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from .errors import PromptsegError
 
@@ -57,6 +58,49 @@ def _card_of(args: argparse.Namespace):
 
     name = getattr(args, "model", None) or args.name
     return model_info(name, config=parse_key_values(getattr(args, "config", None)))
+
+
+def _need_file(path: str, what: str) -> None:
+    """Raise FileNotFoundError naming the flag when `path` is not an existing file."""
+    if not Path(path).is_file():
+        problem = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{what} {path!r} {problem}; give the path of an existing file")
+
+
+def _need_folder(path: str, what: str) -> None:
+    """Raise FileNotFoundError naming the flag when `path` is not an existing folder."""
+    if not Path(path).is_dir():
+        problem = "is a file, not a folder" if Path(path).is_file() else "does not exist"
+        raise FileNotFoundError(f"{what} {path!r} {problem}; give the path of an existing folder")
+
+
+def _check_model_args(args: argparse.Namespace) -> bool:
+    """Check --model / --checkpoint before any weights are read; True when the model takes weights.
+
+    Models without a checkpoint converter (the `test_*` models) hold no weights to load.
+    """
+    from .zoo import model_info
+
+    takes_weights = model_info(args.model).converter is not None
+    if args.checkpoint is not None:
+        if not takes_weights:
+            raise ValueError(f"--model {args.model} takes no weights; leave --checkpoint out")
+        if not Path(args.checkpoint).exists():
+            raise FileNotFoundError(
+                f"--checkpoint {args.checkpoint!r} does not exist; give a weights file or a "
+                "save_pretrained folder"
+            )
+    return takes_weights
+
+
+def _check_prompt_files(args: argparse.Namespace) -> None:
+    """Every --ref / --shot image and mask must be an existing file."""
+    for image, mask in args.ref or []:
+        _need_file(image, "--ref IMAGE")
+        _need_file(mask, "--ref MASK")
+    for shot in args.shot or []:
+        for path, what in zip(shot[:2], ("--shot IMAGE", "--shot MASK"), strict=False):
+            _need_file(path, what)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -116,6 +160,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .zoo import build_model
 
     card = _card_of(args)
+    if card.converter is None:
+        raise ValueError(f"{card.name} takes no weights; there is nothing to convert for it")
+    if not Path(args.file).exists():
+        raise FileNotFoundError(
+            f"FILE {args.file!r} does not exist; give a checkpoint file or a save_pretrained folder"
+        )
+    if args.output is not None and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
     with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
         state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
     load_native_state_dict(build_model(card), state, str(args.file))  # verify before caching
@@ -163,15 +215,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .overrides import parse_key_values
     from .zoo import create_model
 
+    _need_file(args.image, "IMAGE")
+    _check_prompt_files(args)
     prompts = _prompts_from_args(args)
     if bool(prompts) == bool(args.prompt_file):
         raise ValueError(
             "segment: give prompts (--text T, --ref IMAGE MASK, --shot IMAGE MASK [CLASS]) "
             "or --prompt-file FILE from `promptseg encode-prompt`, not both and not neither"
         )
+    if args.prompt_file:
+        _need_file(args.prompt_file, "--prompt-file")
+    if Path(args.output).is_file():
+        raise ValueError(f"--output {args.output!r} is a file; give a folder to write into")
+    takes_weights = _check_model_args(args)
     model = create_model(
         args.model,
-        pretrained=True,
+        pretrained=takes_weights,
         checkpoint_path=args.checkpoint,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -194,11 +253,16 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
     from .overrides import parse_key_values
     from .zoo import create_model
 
+    _check_prompt_files(args)
     prompts = _prompts_from_args(args)
     if not prompts:
         raise ValueError("encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable) or --ref")
+    if Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
+    takes_weights = _check_model_args(args)
     model = create_model(
         args.model,
+        pretrained=takes_weights,
         checkpoint_path=args.checkpoint,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -211,7 +275,6 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
 
 def cmd_segment_video(args: argparse.Namespace) -> int:
     import inspect
-    from pathlib import Path
 
     from .imageio import save_label_png
     from .overrides import parse_key_values
@@ -219,6 +282,13 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
 
     if args.first_mask is None and args.masks_dir is None:
         raise ValueError("give the first frame's labels with --first-mask PNG or --masks-dir DIR")
+    if args.memory is not None and args.memory < 1:
+        raise ValueError(f"--memory is a number of frames, at least 1; got {args.memory}")
+    _need_folder(args.frames, "FRAMES")
+    if args.first_mask is not None:
+        _need_file(args.first_mask, "--first-mask")
+    if Path(args.output).is_file():
+        raise ValueError(f"--output {args.output!r} is a file; give a folder to write into")
     folder = Path(args.frames)
     annotations: dict[str, Path] = {}  # frame stem -> label PNG
     if args.masks_dir is not None:
@@ -251,8 +321,10 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
             f"{frames[0].stem}.png in --masks-dir {args.masks_dir}"
         )
     later = {t: annotations[p.stem] for t, p in enumerate(frames) if t and p.stem in annotations}
+    takes_weights = _check_model_args(args)
     model = create_model(
         args.model,
+        pretrained=takes_weights,
         checkpoint_path=args.checkpoint,
         cache_dir=args.cache_dir,
         device=args.device,
@@ -470,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (PromptsegError, ValueError, TypeError, FileNotFoundError) as exc:
+    except (PromptsegError, ValueError, TypeError, OSError) as exc:
         print(f"promptseg {_command_name(args)}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -4,8 +4,8 @@ Every model takes its inputs through these functions, so the accepted forms and 
 messages are the same everywhere. Images become RGB ``uint8 [3, H, W]``; binary masks become
 ``bool [H, W]``; multi-object label maps become ``int64 [H, W]``.
 
-Resizing of masks and label maps uses torch ``F.interpolate(mode="nearest-exact")``, which
-samples at pixel centres exactly like ``PIL.Image.NEAREST``.
+Masks and label maps are resized nearest, picking the source pixel ``PIL.Image.NEAREST`` picks
+(`transforms.resize_mask(grid="center")`), so they match masks resized with PIL.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ _IMAGE_FORMS = (
 )
 _MASK_FORMS = (
     "a path to a mask image (PNG), a PIL.Image.Image, or a numpy array / torch tensor of shape "
-    "HxW, 1xHxW, HxWx1 or HxWx3 / HxWx4 (equal channels)"
+    "HxW, 1xHxW, HxWx1 or HxWx3 / HxWx4 (equal channels; an array of shape 1xNxC is read as "
+    "1xHxW)"
 )
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
@@ -293,7 +294,7 @@ def _check_size(size: tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 def _resize_nearest(t: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    """Nearest (pixel-centre, as PIL NEAREST) resize of a 2-D tensor, dtype preserved."""
+    """Nearest resize of a 2-D tensor as PIL NEAREST does it, dtype preserved."""
     return t if size is None else resize_mask(t, size, grid="center")
 
 
@@ -319,18 +320,25 @@ def _to_2d(x: MaskInput, what: str) -> tuple[torch.Tensor, bool]:
     """Any mask input -> (2-D CPU tensor, came_from_palette_image)."""
     palette = False
     given: object = x
+    channels_last = False  # a 1xNxC array or tensor is 1xHxW; a PIL image's array is HxWxC
     if isinstance(x, (str, os.PathLike)):
         x = _open(x, what)
     if isinstance(x, Image.Image):
         palette = x.mode in ("P", "PA")
         given = x
         x = _mask_pil_to_array(x)
+        channels_last = True
     if isinstance(x, np.ndarray):
         if (
             x.dtype == np.bool_
             or np.issubdtype(x.dtype, np.integer)
             or np.issubdtype(x.dtype, np.floating)
         ):
+            if x.dtype == np.uint64 and x.size and int(x.max()) > np.iinfo(np.int64).max:
+                raise ValueError(
+                    f"{what} values must fit int64, got a maximum of {int(x.max())} "
+                    f"({_describe(given)})"
+                )
             if x.dtype in (np.uint16, np.uint32, np.uint64):
                 x = x.astype(np.int64)  # torch lacks full support for these
             elif np.issubdtype(x.dtype, np.floating) and x.dtype not in (
@@ -348,17 +356,25 @@ def _to_2d(x: MaskInput, what: str) -> tuple[torch.Tensor, bool]:
     elif isinstance(x, torch.Tensor):
         t = x.detach().cpu()
         if t.is_complex():
-            raise TypeError(f"unsupported {what} dtype: got {_describe(given)}")
+            raise TypeError(
+                f"unsupported {what} dtype: got {_describe(given)}; accepted: bool, integer "
+                "or float"
+            )
+        if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            t = t.to(torch.int64)  # most torch ops lack these dtypes
+        elif t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.to(torch.float32)  # bfloat16 / float8: exact in float32
     else:
         raise TypeError(f"unsupported {what} type: got {_describe(given)}. Accepted: {_MASK_FORMS}")
 
     if t.ndim == 3:
-        if t.shape[0] == 1:
-            t = t[0]
-        elif t.shape[2] == 1:
+        last = t.shape[2] in (1, 3, 4) and (channels_last or t.shape[0] != 1)
+        if last and t.shape[2] == 1:
             t = t[..., 0]
-        elif t.shape[2] in (3, 4):
+        elif last:
             t = _first_equal_channel(t, given, what)
+        elif t.shape[0] == 1:
+            t = t[0]
         else:
             raise ValueError(
                 f"unsupported {what} shape: got {_describe(given)}. Accepted: {_MASK_FORMS}"
@@ -396,7 +412,7 @@ def load_mask(mask: MaskInput, size: tuple[int, int] | None = None) -> torch.Ten
     palette image's single nonzero index), which is the foreground; float data is either
     0/255, or in [0, 1] and thresholded at > 0.5. Several nonzero values mean a label map and
     raise ValueError: select one object with ``mask == label`` or use `load_label_map`.
-    Resizing uses nearest-exact (pixel centres, like PIL NEAREST).
+    Resizing picks the source pixel PIL NEAREST picks.
     """
     size = _check_size(size)
     t, palette = _to_2d(mask, "mask")
@@ -436,7 +452,7 @@ def load_label_map(mask: MaskInput, size: tuple[int, int] | None = None) -> torc
     PNGs give their indices, gray images and integer arrays their values, bool masks 0/1.
     Float arrays are accepted only if all values are integers. Colour (RGB) label images with
     differing channels are rejected: save them as palette PNGs or map colours to ids first.
-    Resizing uses nearest-exact (pixel centres, like PIL NEAREST).
+    Resizing picks the source pixel PIL NEAREST picks.
     """
     size = _check_size(size)
     t, _ = _to_2d(mask, "label map")

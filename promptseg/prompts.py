@@ -7,6 +7,8 @@ is cheap to build and a bad file fails with the file's name when it is read.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -48,13 +50,19 @@ class VisualPrompt:
     """A reference image and a binary mask of the object to find in the target image.
 
     `class_id` groups masks of the same class and `object_id` names one object across several
-    references (video memory, multi-instance references); `None` means "a new object".
+    references (video memory, multi-instance references); `None` means "a new object". Both are
+    ints in 0..2**31 - 1 (numpy integers are converted), checked here so a bad id fails at once.
     """
 
     image: ImageInput
     mask: MaskInput
     class_id: int = 0
     object_id: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "class_id", _check_id(self.class_id, "class_id"))
+        if self.object_id is not None:
+            object.__setattr__(self, "object_id", _check_id(self.object_id, "object_id"))
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,27 @@ class MixedPrompt:
     def __post_init__(self) -> None:
         if isinstance(self.text, str):
             object.__setattr__(self, "text", TextPrompt(self.text))
-        if not 0.0 <= float(self.text_weight) <= 1.0:
-            raise ValueError(f"MixedPrompt.text_weight must be in [0, 1], got {self.text_weight}")
+        if not isinstance(self.text, TextPrompt):
+            raise TypeError(
+                f"MixedPrompt.text must be a str or TextPrompt, got {type(self.text).__name__}; "
+                "e.g. MixedPrompt('a cup', VisualPrompt(image, mask), 0.5)"
+            )
+        if _is_pair(self.visual):
+            object.__setattr__(self, "visual", _as_visual(self.visual, where="MixedPrompt.visual"))
+        if not isinstance(self.visual, VisualPrompt):
+            raise TypeError(
+                "MixedPrompt.visual must be a VisualPrompt or an (image, mask) pair, got "
+                f"{type(self.visual).__name__}"
+            )
+        w = self.text_weight
+        if (
+            isinstance(w, bool)
+            or not isinstance(w, numbers.Real)
+            or not math.isfinite(w)
+            or not 0.0 <= w <= 1.0
+        ):
+            raise ValueError(f"MixedPrompt.text_weight must be a number in [0, 1], got {w!r}")
+        object.__setattr__(self, "text_weight", float(w))
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +110,11 @@ class SupportSet:
     shots: tuple[VisualPrompt, ...]
 
     def __init__(self, shots: Iterable[VisualPrompt | tuple[Any, Any]]) -> None:
+        if isinstance(shots, (str, bytes, VisualPrompt)) or not isinstance(shots, Iterable):
+            raise TypeError(
+                f"SupportSet takes a list of VisualPrompts or (image, mask) pairs, got "
+                f"{type(shots).__name__}; wrap a single shot in a list"
+            )
         items = tuple(_as_visual(s, where="SupportSet") for s in shots)
         if not items:
             raise ValueError("SupportSet is empty; give at least one (image, mask) pair")
@@ -211,6 +243,18 @@ def _looks_like_path(x: Any) -> bool:
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+MAX_ID = 2**31 - 1
+
+
+def _check_id(value: Any, name: str) -> int:
+    """A class / object id as an int in 0..MAX_ID, else an error saying what was given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"VisualPrompt.{name} must be an int, got {value!r}")
+    if not 0 <= int(value) <= MAX_ID:
+        raise ValueError(f"VisualPrompt.{name} must be in 0..{MAX_ID}, got {value}")
+    return int(value)
 
 
 def _as_visual(obj: Any, *, where: str) -> VisualPrompt:

@@ -113,13 +113,13 @@ def _pad(x: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
 
 def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
     """detectron2 ResizeShortestEdge output (h', w'): short side to `short`, long side capped at
-    `max_size`, sizes rounded with int(x + 0.5)."""
+    `max_size`, sizes rounded with int(x + 0.5) and kept >= 1 (a 1x300 image would round to 0)."""
     scale = short / min(h, w)
     newh, neww = (short, scale * w) if h < w else (scale * h, short)
     if max(newh, neww) > max_size:
         scale = max_size / max(newh, neww)
         newh, neww = newh * scale, neww * scale
-    return int(newh + 0.5), int(neww + 0.5)
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
 
 
 def _resize_shortest_edge(image: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
@@ -137,17 +137,29 @@ def resize_mask(mask: torch.Tensor, size: Sequence[int], *, grid: str = "floor")
     """Nearest resize of a bool / integer / float mask or label map [..., H, W], dtype kept.
 
     `grid` "floor": torch's `nearest` (source index floor(dst * in / out)), what the benchmark
-    protocols use; "center": pixel centres (`nearest-exact`), as PIL NEAREST, what image and
-    mask loading use. Labels are never blended; integer labels stay exact (float64 work).
+    protocols use; "center": the source pixel PIL NEAREST picks (pixel centres, its rounding at
+    ties; the index map is taken from PIL itself), what image and mask loading use. Labels are
+    never blended; integer labels stay exact (float64 work, or a gather for "center").
     """
     size = tuple(int(s) for s in size)
     if tuple(mask.shape[-2:]) == size:
         return mask
-    mode = {"floor": "nearest", "center": "nearest-exact"}[grid]
+    if grid == "center":
+        rows = _pil_nearest_index(mask.shape[-2], size[0]).to(mask.device)
+        cols = _pil_nearest_index(mask.shape[-1], size[1]).to(mask.device)
+        return mask.index_select(-2, rows).index_select(-1, cols)
+    if grid != "floor":
+        raise ValueError(f"unknown resize grid {grid!r}; known: 'floor', 'center'")
     exact = mask.dtype in (torch.int32, torch.int64, torch.float64)
     flat = mask.reshape(-1, 1, *mask.shape[-2:]).to(torch.float64 if exact else torch.float32)
-    out = F.interpolate(flat, size=size, mode=mode)
+    out = F.interpolate(flat, size=size, mode="nearest")
     return out.reshape(*mask.shape[:-2], *size).to(mask.dtype)
+
+
+def _pil_nearest_index(n: int, m: int) -> torch.Tensor:
+    """int64 [m]: the input index (of n) PIL NEAREST samples for each output pixel of one axis."""
+    ramp = Image.fromarray(np.arange(n, dtype=np.int32).reshape(1, n), "I")
+    return torch.from_numpy(np.asarray(ramp.resize((m, 1), Image.NEAREST))[0].astype(np.int64))
 
 
 def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import json
 import os
+import pickle
 import shutil
 import tempfile
 import urllib.error
@@ -47,6 +48,7 @@ __all__ = [
     "load_native_state_dict",
     "save_state_dict_file",
     "sha256_file",
+    "weights_sha256",
     "unwrap_state_dict",
     "where_to_get",
     "blame_file",
@@ -419,18 +421,45 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
     """Read a checkpoint file into a flat {name: tensor} dict, whatever the container."""
     path = Path(path)
     if path.is_dir():
-        return _load_pretrained_dir(path)
+        files = _pretrained_files(path)
+        if len(files) == 1:
+            return load_state_dict_file(files[0])
+        return _load_sharded(files[0], files[1:])
     if not path.is_file():
-        raise WeightsNotFoundError(f"Checkpoint {path} does not exist.")
+        raise WeightsNotFoundError(
+            f"Checkpoint {path} does not exist (or is not a regular file); "
+            "give the path of a weights file or of a save_pretrained folder."
+        )
     try:
         obj = _read_checkpoint(path)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointFormatError(
+            f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is not a tensor-only "
+            "pickle (it is corrupted, or holds Python objects whose unpickling could run code, "
+            "which promptseg refuses). Save the weights alone with "
+            "torch.save(model.state_dict(), FILE) or as .safetensors, or download them again."
+        ) from exc
     except Exception as exc:  # torch / safetensors / zipfile raise many types for a bad file
         raise CheckpointFormatError(
             f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): "
-            f"{type(exc).__name__}: {exc}\nThe file may be truncated or corrupted "
+            f"{type(exc).__name__}: {_first_line(exc)}. The file may be truncated or corrupted "
             "(delete it and download it again) or is not a PyTorch/safetensors checkpoint."
         ) from exc
     return _checked_state_dict(unwrap_state_dict(obj), path)
+
+
+def weights_sha256(path: str | os.PathLike[str]) -> str:
+    """The sha256 that identifies the weights `load_state_dict_file(path)` reads.
+
+    For a file, the file's sha256. For a save_pretrained folder, the sha256 of the text
+    ``sha256sum`` prints for the files read (the weights file, or the shard index and its
+    shards, in that order): ``cd FOLDER && sha256sum model.safetensors | sha256sum``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in _pretrained_files(path))
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _read_checkpoint(path: Path) -> Any:
@@ -443,10 +472,17 @@ def _read_checkpoint(path: Path) -> Any:
 
 
 def _is_torchscript(path: Path) -> bool:
-    """Tell a TorchScript archive (e.g. OpenAI CLIP's .pt) from a torch.save zip file."""
+    """Tell a TorchScript archive (e.g. OpenAI CLIP's .pt) from a torch.save zip file.
+
+    A zip's CRC-32s are checked on the way (torch does not check them), so a corrupted byte in
+    the tensor data is an error rather than a silently different weight.
+    """
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as zf:
+        corrupted = zf.testzip()
+        if corrupted is not None:
+            raise CheckpointFormatError(f"zip member {corrupted} fails its CRC-32 check")
         return any(PurePosixPath(name).name == "constants.pkl" for name in zf.namelist())
 
 
@@ -467,13 +503,14 @@ def _checked_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _load_pretrained_dir(folder: Path) -> dict[str, torch.Tensor]:
-    """Read the weights of a transformers/diffusers `save_pretrained` directory."""
+def _pretrained_files(folder: Path) -> list[Path]:
+    """The files a `save_pretrained` folder's weights are read from: [file] or [index, *shards]."""
     for name in _PRETRAINED_NAMES:
         if (folder / name).is_file():
-            return load_state_dict_file(folder / name)
+            return [folder / name]
         if (folder / f"{name}.index.json").is_file():
-            return _load_sharded(folder / f"{name}.index.json")
+            index = folder / f"{name}.index.json"
+            return [index, *(folder / shard for shard in _shard_names(index))]
     found = sorted(p.name for p in folder.iterdir())
     raise CheckpointFormatError(
         f"Directory {folder} has no save_pretrained weights (looked for "
@@ -481,16 +518,30 @@ def _load_pretrained_dir(folder: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
-    """Merge the shards listed in a `*.index.json` weight map into one state dict."""
+def _shard_names(index: Path) -> list[str]:
+    """The shard file names a `*.index.json` lists: plain names of existing files beside it."""
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointFormatError(f"Shard index {index} is unreadable: {exc!r}") from exc
+    plain = [s for s in shards if isinstance(s, str) and s not in ("", ".", "..")]
+    bad = [s for s in shards if s not in plain or PurePosixPath(s).name != s]
+    bad += [s for s in shards if s not in bad and not (index.parent / s).is_file()]
+    if bad:
+        raise CheckpointFormatError(
+            f"Shard index {index} names shards that are not files beside it: {bad[:5]}; "
+            "each weight_map value must be the file name of a shard in the same folder."
+        )
+    return shards
+
+
+def _load_sharded(index: Path, shards: Sequence[Path]) -> dict[str, torch.Tensor]:
+    """Merge the shards listed in a `*.index.json` weight map into one state dict."""
+    weight_map = json.loads(index.read_text())["weight_map"]
     merged: dict[str, torch.Tensor] = {}
     for shard in shards:
-        merged.update(load_state_dict_file(index.parent / shard))
+        merged.update(load_state_dict_file(shard))
     missing = sorted(set(weight_map) - set(merged))
     if missing:
         raise CheckpointFormatError(
@@ -659,9 +710,19 @@ def load_native_state_dict(
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     )
+    kind = sorted(
+        f"{k} {state[k].dtype} (expected {v.dtype})"
+        for k, v in expected.items()
+        if k in state and not _same_kind(state[k].dtype, v.dtype)
+    )
     problems = [
         f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", wrong),
+            ("dtype", kind),
+        )
         if keys
     ]
     if problems:
@@ -670,6 +731,7 @@ def load_native_state_dict(
             + "; ".join(problems)
             + ". Is it a checkpoint of another variant (e.g. a different reduce_dim / head)?"
         )
+    _check_finite(state, origin)
     if skipped:
         warnings.warn(
             f"{origin}: skipped {len(skipped)} key(s) of the replaced {', '.join(skip)} "
@@ -682,6 +744,30 @@ def load_native_state_dict(
         raise CheckpointFormatError(f"{origin}: keys did not load: {left[:8]}")
 
 
+def _same_kind(given: torch.dtype, expected: torch.dtype) -> bool:
+    """Whether a checkpoint tensor can be copied into a parameter without losing its meaning."""
+    if expected.is_floating_point:
+        return given.is_floating_point
+    return given == expected
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], origin: str) -> None:
+    """Raise naming the tensors that hold NaN or ±inf: such weights give NaN or empty outputs."""
+    bad = []
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nan = int(torch.isnan(tensor).sum())
+            inf = int(torch.isinf(tensor).sum())
+            bad.append(f"{key} ({nan} NaN, {inf} inf of {tensor.numel()})")
+    if bad:
+        shown = ", ".join(bad[:4]) + (f" (+{len(bad) - 4} more)" if len(bad) > 4 else "")
+        raise CheckpointFormatError(
+            f"{origin} has non-finite weights (NaN or ±inf) in {len(bad)} tensor(s): {shown}. "
+            "They would give NaN scores or empty masks; the file is corrupted or comes from a "
+            "diverged training run: use an earlier or freshly downloaded checkpoint."
+        )
+
+
 def load_pretrained(
     model: torch.nn.Module,
     card: Any,
@@ -689,23 +775,31 @@ def load_pretrained(
     checkpoint_path: str | os.PathLike[str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
-) -> None:
-    """Load weights into `model`: checkpoint_path > converted cache > hub > URL (design §4)."""
+) -> str:
+    """Load weights into `model`: checkpoint_path > converted cache > hub > URL (design §4).
+
+    Returns the sha256 of the weights read (`weights_sha256`): of `checkpoint_path`, else of the
+    converted cache file (also when it was just written from a download or conversion). Shared
+    components a converter adds (e.g. CLIP for a decoder-only file) are checked against zoo.yaml.
+    """
     if checkpoint_path is not None:
         origin = str(checkpoint_path)
         with blame_file(origin, checkpoint_hint(card, cache_dir)):
-            state = convert_checkpoint(
-                card, load_state_dict_file(checkpoint_path), cache_dir=cache_dir, progress=progress
-            )
+            read = load_state_dict_file(checkpoint_path)
+            digest = weights_sha256(checkpoint_path)
+            state = convert_checkpoint(card, read, cache_dir=cache_dir, progress=progress)
     else:
         native = native_checkpoint_path(card, cache_dir)
         origin = str(native)
         if native.is_file():  # through the converter too: it updates older native layouts
             hint = "Delete it; the next load converts the weights again."
+            digest = sha256_file(native)
             with blame_file(origin, f"{hint} {where_to_get(card, cache_dir)}"):
                 state = convert_checkpoint(
                     card, load_state_dict_file(native), cache_dir=cache_dir, progress=progress
                 )
         else:
             state = fetch_native(card, cache_dir=cache_dir, progress=progress)
+            digest = sha256_file(native)
     load_native_state_dict(model, state, origin, skip=card.replaced)
+    return digest

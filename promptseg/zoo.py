@@ -72,6 +72,7 @@ class ModelCard:
     converter: str | None = None  # reads any checkpoint layout of the family (checkpoint_path=)
     components: dict[str, tuple[WeightSource, ...]] = field(default_factory=dict)  # shared files
     replaced: tuple[str, ...] = ()  # parts (backbone/head) swapped for other registered ones
+    weights_sha256: str | None = None  # of the weights loaded (load_pretrained); None: random
 
     @property
     def pretrained(self) -> bool:
@@ -205,6 +206,13 @@ def apply_overrides(
     head: Mapping[str, Any] | None = None,
 ) -> ModelCard:
     """The card with overrides merged into its config / data config (unknown keys raise)."""
+    given = {"config": config, "data_config": data_config, "backbone": backbone, "head": head}
+    for arg, value in given.items():
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"{arg}= must be a dict of overrides (or None), got {type(value).__name__} "
+                f"{value!r}; `promptseg info {card.name}` shows the keys"
+            )
     new_config, replaced = dict(card.config), list(card.replaced)
     if config:
         config = dict(config)
@@ -302,14 +310,18 @@ def create_model(
     """Build a model by name and load its weights (random init when `pretrained=False`).
 
     `checkpoint_path` (a file or a save_pretrained directory, in any layout a converter knows)
-    takes precedence over the cache, the Hugging Face hub and URLs. `config` and `data_config`
-    are merged recursively into the architecture's zoo.yaml entries (unknown keys raise).
+    takes precedence over the cache, the Hugging Face hub and URLs. `model.card.weights_sha256`
+    (and every result's `meta`) records the sha256 of the weights read (`weights.weights_sha256`).
+    `config` and `data_config` are merged recursively into the architecture's zoo.yaml entries
+    (unknown keys raise).
     `backbone` / `head` merge into those parts, or replace them when they name another
     registered one (`{"name": "timm_vit", "arch": ...}`): a replaced part takes its weights from
     its own source (its `pretrained` option) or random init, and the checkpoint's keys for it
     are skipped with a warning.
     """
     card = model_info(name, config=config, data_config=data_config, backbone=backbone, head=head)
+    if not isinstance(pretrained, bool):
+        raise TypeError(f"pretrained must be True or False, got {type(pretrained).__name__}")
     device = check_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(
@@ -321,9 +333,20 @@ def create_model(
             f"checkpoint_path must be a path (str or os.PathLike), got "
             f"{type(checkpoint_path).__name__} {checkpoint_path!r}"
         )
+    if checkpoint_path is not None and card.converter is None:
+        raise ValueError(
+            f"{card.name} takes no weights (its family {card.family!r} has no checkpoint "
+            "converter); leave checkpoint_path out"
+        )
+    if cache_dir is not None and not isinstance(cache_dir, str | os.PathLike):
+        raise TypeError(
+            f"cache_dir must be a path (str or os.PathLike), got {type(cache_dir).__name__} "
+            f"{cache_dir!r}"
+        )
     model = build_model(card)
     if checkpoint_path is not None or pretrained:
-        load_pretrained(model, card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
+        digest = load_pretrained(model, card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
+        model.card = dataclasses.replace(model.card, weights_sha256=digest)
     model.eval()
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)

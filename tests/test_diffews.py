@@ -117,9 +117,11 @@ def test_support_sets_round_trip_through_prompt_files(model, episode, tmp_path):
     again = model.segment(img, loaded, return_logits=True)  # a prompt embedding as the prompt
     torch.testing.assert_close(again.logits, direct.logits)
     bad = tmp_path / "bad.safetensors"
-    meta = {"format": "promptseg.diffews_support", "prompts": "1"}
-    safetensors.torch.save_file({"0.latents": torch.full((1, 8, 4, 4), torch.nan)}, bad, meta)
-    with pytest.raises(ValueError, match="NaN or infinite"):
+    with safetensors.safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["0.latents"][0, 0, 0, 0] += 1.0  # one value changed: the checksum catches it
+    safetensors.torch.save_file(tensors, bad, meta)
+    with pytest.raises(ValueError, match="do not match the checksum"):
         model.load_prompt_embedding(bad)
     with pytest.raises(ValueError, match="not a DiffewS prompt file"):
         safetensors.torch.save_file({"x": torch.zeros(1)}, bad)

@@ -162,7 +162,7 @@ def test_prompt_embedding_errors(sine, scene, tmp_path):
     with pytest.raises(ValueError, match="64-d tokens but sine_test_tiny uses 32-d"):
         sine.segment(img, wide)
     clipseg = promptseg.create_model("clipseg_test_tiny", pretrained=False)
-    with pytest.raises(UnsupportedPromptError, match="Families that can: sine"):
+    with pytest.raises(UnsupportedPromptError, match="Families that can: diffews, sine"):
         clipseg.save_prompt_embedding([], tmp_path / "x.safetensors")
     with pytest.raises(UnsupportedPromptError, match="cannot save or load"):
         clipseg.load_prompt_embedding(other)

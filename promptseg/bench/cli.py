@@ -93,12 +93,12 @@ COMMON = (
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    """The model of `--model` (with `--config` overrides), `weights_sha256` set for the JSON."""
+    """The model of `--model` (with `--config` overrides); its card records the weights' sha256."""
     import torch
 
     from ..overrides import parse_key_values
     from ..zoo import create_model, model_info
-    from .runner import DTYPE_NAMES, weights_sha256
+    from .runner import DTYPE_NAMES
 
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if args.no_tf32:
@@ -112,9 +112,6 @@ def _load_model(args: argparse.Namespace) -> Any:
         device=args.device,
         dtype=dtypes[args.dtype],
         config=parse_key_values(args.config),
-    )
-    model.weights_sha256 = weights_sha256(
-        model.card, checkpoint_path=args.checkpoint, pretrained=pretrained
     )
     return model
 

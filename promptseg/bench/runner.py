@@ -34,7 +34,6 @@ __all__ = [
     "model_record",
     "prefetch",
     "run_dir",
-    "weights_sha256",
     "write_json",
     "write_result",
 ]
@@ -141,31 +140,9 @@ def environment(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def weights_sha256(
-    card: Any,
-    *,
-    checkpoint_path: str | os.PathLike | None = None,
-    pretrained: bool = True,
-    cache_dir: str | os.PathLike | None = None,
-) -> str | None:
-    """sha256 of the weights file a model was loaded from (`checkpoint_path`, else the cache).
-
-    A pretrained model loads (and on first use writes) the converted cache file
-    `promptseg.weights.native_checkpoint_path`; None for random init or a checkpoint folder.
-    """
-    from ..weights import native_checkpoint_path, sha256_file
-
-    if checkpoint_path is not None:
-        path = Path(checkpoint_path)
-    elif pretrained:
-        path = native_checkpoint_path(card, cache_dir)
-    else:
-        return None
-    return sha256_file(path) if path.is_file() else None
-
-
 def model_record(model: torch.nn.Module) -> dict[str, Any]:
-    """Model name, tag, weights sha256 (`model.weights_sha256`), version and git commit."""
+    """Model name, tag, weights sha256 (of the file loaded, `card.weights_sha256`), version and
+    git commit."""
     from .. import __version__
 
     card = model.card
@@ -173,7 +150,7 @@ def model_record(model: torch.nn.Module) -> dict[str, Any]:
         "name": card.name,
         "arch": card.arch,
         "tag": card.tag,
-        "weights_sha256": getattr(model, "weights_sha256", None),
+        "weights_sha256": model.card.weights_sha256,
         "promptseg_version": __version__,
         "git_commit": _git_commit(),
     }

@@ -115,6 +115,10 @@ def hf_clip_to_openai(hf_clip: StateDict) -> StateDict:
     sd, _ = rename_keys(sd, _HF_BLOCK_RULES)
     for key in ("visual.proj", "text_projection"):
         if key in sd:
+            if sd[key].ndim != 2:
+                raise CheckpointFormatError(
+                    f"HF CLIP weights: {key} has shape {tuple(sd[key].shape)}, expected a matrix"
+                )
             sd[key] = sd[key].t().contiguous()
     return sd
 

@@ -50,6 +50,12 @@ def pack_qkv(state_dict: StateDict, q_pattern: str, target: str) -> StateDict:
         missing = [p for p in parts if p not in state_dict]
         if missing:
             raise CheckpointFormatError(f"cannot pack q/k/v: missing {missing}")
+        shapes = [tuple(state_dict[p].shape) for p in parts]
+        if len(set(shapes)) != 1 or not shapes[0]:
+            raise CheckpointFormatError(
+                f"cannot pack q/k/v: {', '.join(parts)} have shapes {shapes}; "
+                "they must be equal and at least 1-d"
+            )
         out[pattern.sub(target, key)] = torch.cat([state_dict[p] for p in parts])
         for p in parts:
             del out[p]

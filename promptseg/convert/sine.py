@@ -141,6 +141,11 @@ def official_to_native(state_dict: StateDict, require: Require | None = None) ->
         raise CheckpointFormatError(
             "official SINE checkpoint has no image_encoder.neck.0.weight; cannot tell the encoder"
         )
+    if head["head.neck.0.weight"].ndim != 4:
+        raise CheckpointFormatError(
+            "official SINE checkpoint: image_encoder.neck.0.weight has shape "
+            f"{tuple(head['head.neck.0.weight'].shape)}, expected a 1x1 conv [out, in, 1, 1]"
+        )
     width = int(head["head.neck.0.weight"].shape[1])
     encoder = strip_prefix(state_dict, ENCODER_PREFIX)
     what = f"official SINE checkpoint ({ENCODER_PREFIX}*)"
@@ -159,7 +164,10 @@ def official_to_native(state_dict: StateDict, require: Require | None = None) ->
             )
         what = f"DINOv2 component {name}"
     backbone = dinov2_to_native(encoder, what)
-    enc_width = int(backbone["backbone.vit.cls_token"].shape[-1])
+    cls_token = backbone["backbone.vit.cls_token"]
+    if cls_token.ndim == 0:
+        raise CheckpointFormatError(f"{what}: cls_token is a scalar, expected [1, 1, width]")
+    enc_width = int(cls_token.shape[-1])
     if enc_width != width:
         raise CheckpointFormatError(
             f"DINOv2 encoder width {enc_width} does not match the SINE neck input {width} "

@@ -6,6 +6,7 @@ Episodes are generated up front by a pure function, so loaders, workers and shar
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -187,15 +188,17 @@ def episodes(
     trust_pickle: bool = False,
 ) -> list[Episode]:
     """The first ``n`` episodes (default: the protocol's N) of the seeded reference stream (§2)."""
-    if dataset not in _GENERATORS:
+    if not isinstance(dataset, str) or dataset not in _GENERATORS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
         raise ValueError(f"shots must be a positive int, got {shots!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in 0..2**32 - 1 (numpy RandomState), got {seed!r}")
     total = DEFAULT_EPISODES[dataset]
     n = total if n is None else n
-    if not 0 <= n <= total:
-        raise ValueError(f"n must be in 0..{total} for {dataset}, got {n}")
-    rs = np.random.RandomState(seed)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 0 <= n <= total:
+        raise ValueError(f"n must be in 0..{total} for {dataset} (an int), got {n!r}")
+    rs = np.random.RandomState(int(seed))
     return _GENERATORS[dataset](rs, fold, shots, n, splits_dir, cache_dir, trust_pickle, data_root)
 
 

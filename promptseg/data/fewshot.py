@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import shutil
 import warnings
@@ -148,13 +149,23 @@ class ShotRecord(NamedTuple):
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a mask / label map [H, W] to ``size`` = (h, w) like the protocols do (spec §6 P1):
     torch ``F.interpolate(mode="nearest")`` (source index = floor(dst * in / out)), which is not
-    PIL NEAREST nor "nearest-exact"."""
-    if array.ndim != 2:
-        raise ValueError(f"expected a 2-D mask or label map, got shape {array.shape}")
-    src = np.ascontiguousarray(array)
-    work = src.astype(np.int64) if src.dtype.kind in "iu" and src.dtype != np.uint8 else src
-    out = resize_mask(torch.from_numpy(work.copy()), size, grid="floor").numpy()
-    return out.astype(array.dtype, copy=False)
+    PIL NEAREST nor "nearest-exact". Values are copied, never converted (exact for every dtype)."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"expected a numpy array [H, W], got {type(array).__name__}")
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"expected a non-empty 2-D mask or label map, got shape {array.shape}")
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+        or min(size) < 1
+    ):
+        raise ValueError(f"size must be (h, w), two ints >= 1, got {size!r}")
+    # Resize the map of flat source indices (exact in float64), then gather the values.
+    h, w = array.shape
+    index = torch.arange(h * w, dtype=torch.int64).reshape(h, w)
+    src = resize_mask(index, size, grid="floor").numpy()
+    return array.reshape(-1)[src]
 
 
 def segmentation_to_mask(segm: Any, height: int, width: int) -> np.ndarray:

@@ -27,6 +27,7 @@ __all__ = [
     "SPLITS_CACHE_KEY",
     "SplitChecksumWarning",
     "SplitFile",
+    "SplitPickleError",
     "file_sha256",
     "find_split",
     "load_coco_split",
@@ -288,7 +289,13 @@ def splits_dir(
 
 def _lines(path: Path) -> list[str]:
     """Lines of a split list, CRLF or LF, without the empty element after the final newline."""
-    lines = path.read_bytes().decode("utf-8").replace("\r\n", "\n").split("\n")
+    if not path.is_file():
+        raise FileNotFoundError(f"split list {path} not found (or not a file)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: a split list must be UTF-8 text ({exc})") from None
+    lines = text.replace("\r\n", "\n").split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return lines
@@ -299,8 +306,10 @@ def read_pascal_split(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
     out = []
     for line in _lines(Path(path)):
         name, sep, cc = line.rpartition("__")
-        if not sep or not cc.isdigit():
-            raise ValueError(f"{path}: malformed line {line!r} (expected '<name>__<cc>')")
+        if not (sep and name and cc.isascii() and cc.isdigit() and int(cc) >= 1):
+            raise ValueError(
+                f"{path}: malformed line {line!r} (expected '<name>__<cc>', cc the 1-based class)"
+            )
         out.append((name, int(cc) - 1))
     return out
 
@@ -308,6 +317,10 @@ def read_pascal_split(path: str | os.PathLike[str]) -> list[tuple[str, int]]:
 def read_fss_split(path: str | os.PathLike[str]) -> list[str]:
     """FSS-1000 class names of a split list (CRLF stripped), in file order."""
     return [line for line in _lines(Path(path)) if line]
+
+
+class SplitPickleError(pickle.UnpicklingError, ValueError):
+    """A split pickle is truncated, foreign, or refers to objects the loader refuses to build."""
 
 
 class _ListsUnpickler(pickle.Unpickler):
@@ -332,6 +345,8 @@ def load_coco_split(
     The bytes are unpickled only if their sha256 equals ``sha256`` or ``trust_pickle`` is set.
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"COCO-20i split pickle {path} not found (or not a file)")
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if not trust_pickle and (sha256 is None or actual != sha256):
@@ -340,7 +355,10 @@ def load_coco_split(
             f"{path} has sha256 {actual} ({expected}). Refusing to unpickle it; pass "
             "trust_pickle=True (CLI: --trust-pickle) only if you trust this file."
         )
-    raw = _ListsUnpickler(io.BytesIO(data)).load()
+    try:
+        raw = _ListsUnpickler(io.BytesIO(data)).load()
+    except Exception as exc:  # noqa: BLE001 - truncated / foreign bytes fail in many ways
+        raise SplitPickleError(f"{path} is not a readable split pickle: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(
             f"{path}: expected a dict of class -> image list, got {type(raw).__name__}"
@@ -409,7 +427,10 @@ def load_lvis_split(
             f"{changed} Pass trust_pickle=True (CLI: --trust-pickle) once if you trust it; its "
             f"sha256 is then recorded in {record} and later runs need no flag."
         )
-    raw = pickle.loads(data)  # noqa: S301 - explicit user opt-in (spec §1.12)
+    try:
+        raw = pickle.loads(data)  # noqa: S301 - explicit user opt-in (spec §1.12)
+    except Exception as exc:  # noqa: BLE001 - truncated / foreign bytes fail in many ways
+        raise SplitPickleError(f"{path} is not a readable LVIS pickle: {exc}") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a dict category -> images, got {type(raw).__name__}")
     return raw, actual

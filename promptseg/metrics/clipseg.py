@@ -8,12 +8,13 @@ as `simpson_avg`.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ._arrays import as_binary, to_numpy
+from ._arrays import as_binary, as_int, as_numeric, to_numpy
 
 __all__ = [
     "FixedIntervalMetrics",
@@ -37,7 +38,7 @@ def sigmoid(x: Any) -> np.ndarray:
     numpy's and torch's float32 exp differ in the last bit for some inputs, so values can differ by
     1 ulp from torch; for bit-parity pass torch's own sigmoid output with `sigmoid=False`.
     """
-    z = to_numpy(x).astype(_DTYPE)
+    z = as_numeric(x, "x").astype(_DTYPE)
     with np.errstate(over="ignore"):
         return (_DTYPE(1) / (_DTYPE(1) + np.exp(-z))).astype(_DTYPE)
 
@@ -70,12 +71,17 @@ def resize_bilinear_align_corners(x: Any, size: tuple[int, int]) -> np.ndarray:
     bit-identical to torch 2.x on x86 for e.g. 88 -> 352, within 1 ulp otherwise. Leading axes are
     kept.
     """
-    a = to_numpy(x).astype(_DTYPE)
-    if a.ndim < 2:
-        raise ValueError("expected an array with at least 2 dimensions [..., H, W]")
+    a = as_numeric(x, "x").astype(_DTYPE)
+    if a.ndim < 2 or 0 in a.shape[-2:]:
+        raise ValueError(f"expected a non-empty array [..., H, W] (H, W >= 1), got shape {a.shape}")
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+        or min(size) < 1
+    ):
+        raise ValueError(f"size must be (H, W), two ints >= 1, got {size!r}")
     h_out, w_out = int(size[0]), int(size[1])
-    if h_out < 1 or w_out < 1:
-        raise ValueError(f"invalid output size {size}")
     r0, r1, hw0, hw1 = _linear_taps(a.shape[-2], h_out)
     c0, c1, ww0, ww1 = _linear_taps(a.shape[-1], w_out)
     top = a[..., r0, :]
@@ -142,8 +148,8 @@ class FixedIntervalMetrics:
     def __init__(
         self, sigmoid: bool = False, resize_pred: bool = False, n_values: int = 51
     ) -> None:
-        if n_values < 3:
-            raise ValueError("n_values must be >= 3")
+        if as_int(n_values, "n_values") < 3:
+            raise ValueError(f"n_values must be >= 3, got {n_values}")
         self.sigmoid = bool(sigmoid)
         self.resize_pred = bool(resize_pred)
         self.n_values = int(n_values)
@@ -163,10 +169,17 @@ class FixedIntervalMetrics:
 
     def sample_counts(self, pred: Any, gt: Any, ignore: Any | None = None) -> np.ndarray:
         """Counts of one sample, int64 [T, 4] (tp, fp, fn, tn per threshold), not accumulated."""
-        p = to_numpy(pred)
+        p = as_numeric(pred, "pred")
         if self.sigmoid:
             p = sigmoid(p)
         p = p.astype(_DTYPE, copy=False)
+        if np.isnan(p).any():
+            raise ValueError("pred contains NaN")
+        if not self.sigmoid and p.size and (p.min() < 0 or p.max() > 1):
+            raise ValueError(
+                f"pred values must be probabilities in [0, 1], got {p.min()}..{p.max()}; "
+                "pass sigmoid=True for logits"
+            )
         g = as_binary(gt, "gt")
         if p.shape != g.shape:
             if not self.resize_pred:
@@ -176,8 +189,6 @@ class FixedIntervalMetrics:
             if p.ndim != 2 or g.ndim != 2:
                 raise ValueError("resize_pred needs 2-D pred and gt")
             p = resize_bilinear_align_corners(p, g.shape)
-        if np.isnan(p).any():
-            raise ValueError("pred contains NaN")
         if ignore is not None:
             ign = as_binary(ignore, "ignore")
             if ign.shape != g.shape:
@@ -218,6 +229,8 @@ class FixedIntervalMetrics:
         """Add a batch [B, H, W] sample by sample (same rules as `update`)."""
         p = to_numpy(preds)
         g = to_numpy(gts)
+        if p.ndim < 1 or g.ndim < 1:
+            raise ValueError(f"expected batches [B, H, W], got shapes {p.shape} and {g.shape}")
         if len(p) != len(g):
             raise ValueError("preds and gts have different batch sizes")
         ids = [None] * len(p) if class_ids is None else list(class_ids)
@@ -228,6 +241,10 @@ class FixedIntervalMetrics:
             self.update(p[i], g[i], ids[i], ign[i])
 
     def _add(self, counts: np.ndarray, class_id: Hashable | None) -> None:
+        try:
+            hash(class_id)
+        except TypeError:
+            raise TypeError(f"class_id must be hashable (int or str), got {class_id!r}") from None
         self.total += counts
         self.n_samples += 1
         if class_id is None:
@@ -296,6 +313,8 @@ class FixedIntervalMetrics:
     # ------------------------------------------------------------------ summaries
 
     def _index_of(self, t: float) -> int:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real):
+            raise TypeError(f"threshold must be a number, got {t!r}")
         hits = np.flatnonzero(np.abs(self.thresholds - float(t)) < 1e-9)
         if hits.size == 0:
             raise ValueError(

@@ -11,9 +11,13 @@ import contextlib
 import copy
 import io
 import json
+import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from ._arrays import as_int
 
 __all__ = ["STAT_NAMES", "coco_mask_ap"]
 
@@ -34,25 +38,73 @@ STAT_NAMES: tuple[str, ...] = (
 )
 
 
-def _prepare_detection(det: Mapping[str, Any], iou_type: str) -> dict[str, Any]:
-    """Copy one result dict into what loadRes expects for `iou_type`."""
+def _check_number(value: Any, what: str) -> None:
+    """A finite real number (not a bool), else a TypeError / ValueError naming `what`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {value}")
+
+
+def _check_rle(seg: Any, where: str) -> dict[str, Any]:
+    """A COCO compressed RLE {"size": [H, W], "counts": str | bytes}, counts as str."""
+    if not isinstance(seg, Mapping):
+        raise TypeError(
+            f"{where}: 'segmentation' must be a COCO RLE dict {{'size': [H, W], 'counts': str}} "
+            f"(pycocotools.mask.encode), got {type(seg).__name__}"
+        )
+    size, counts = seg.get("size"), seg.get("counts")
+    if (
+        not isinstance(size, Sequence)
+        or len(size) != 2
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size)
+        or min(size) < 0
+    ):
+        raise ValueError(f"{where}: RLE 'size' must be [H, W] (two ints >= 0), got {size!r}")
+    if not isinstance(counts, str | bytes):
+        raise TypeError(
+            f"{where}: RLE 'counts' must be the compressed string of pycocotools.mask.encode, "
+            f"got {type(counts).__name__}"
+        )
+    out = dict(seg)
+    out["size"] = [int(v) for v in size]
+    out["counts"] = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    return out
+
+
+def _prepare_detection(det: Any, iou_type: str, i: int) -> dict[str, Any]:
+    """Copy one result dict into what loadRes expects for `iou_type`, checking its fields."""
+    where = f"detection {i}"
+    if not isinstance(det, Mapping):
+        raise TypeError(f"{where} must be a dict, got {type(det).__name__}")
+    missing = [k for k in ("image_id", "category_id", "score") if k not in det]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; each needs image_id, category_id and score")
+    for key in ("image_id", "category_id"):
+        if not isinstance(det[key], int | str) or isinstance(det[key], bool):
+            raise TypeError(f"{where}: {key} must be an int (or str id), got {det[key]!r}")
+    _check_number(det["score"], f"{where}: score")
     d = dict(det)
     seg = d.get("segmentation")
-    if isinstance(seg, Mapping):
-        seg = dict(seg)
-        counts = seg.get("counts")
-        if isinstance(counts, bytes):
-            seg["counts"] = counts.decode("ascii")
-        d["segmentation"] = seg
+    if seg is not None:
+        seg = d["segmentation"] = _check_rle(seg, where)
     if iou_type == "segm":
         if seg is None:
-            raise ValueError("segm detections need a 'segmentation' (COCO RLE)")
+            raise ValueError(f"{where}: segm detections need a 'segmentation' (COCO RLE)")
         # With a bbox present, loadRes would take the detection's area from the box (APs/APm/APl
         # change).
         d.pop("bbox", None)
-    elif iou_type == "bbox" and "bbox" not in d:
+    elif "bbox" in d:
+        box = d["bbox"]
+        if not isinstance(box, Sequence) or isinstance(box, str) or len(box) != 4:
+            raise ValueError(f"{where}: bbox must be [x, y, w, h], got {box!r}")
+        for v in box:
+            _check_number(v, f"{where}: bbox value")
+    else:
         if seg is None:
-            raise ValueError("bbox detections need a 'bbox' or a 'segmentation' to derive it from")
+            raise ValueError(
+                f"{where}: bbox detections need a 'bbox' or a 'segmentation' to derive it from"
+            )
         from pycocotools import mask as mask_utils
 
         d["bbox"] = [float(v) for v in mask_utils.toBbox(seg)]
@@ -79,6 +131,14 @@ def coco_mask_ap(
     """
     if iou_type not in ("segm", "bbox"):
         raise ValueError(f"iou_type must be 'segm' or 'bbox', not {iou_type!r}")
+    if isinstance(detections, str | bytes | Mapping) or not isinstance(detections, Sequence):
+        raise TypeError(
+            f"detections must be a list of result dicts, got {type(detections).__name__}"
+        )
+    if not isinstance(gt_coco, Mapping | str | os.PathLike):
+        raise TypeError(
+            f"gt_coco must be a COCO dict or a path to its JSON, got {type(gt_coco).__name__}"
+        )
     if len(detections) == 0:
         out: dict[str, float | bool] = dict.fromkeys(STAT_NAMES, 0.0)
         out["empty_predictions"] = True
@@ -87,7 +147,7 @@ def coco_mask_ap(
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    results = [_prepare_detection(d, iou_type) for d in detections]
+    results = [_prepare_detection(d, iou_type, i) for i, d in enumerate(detections)]
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
     with sink:
         if isinstance(gt_coco, Mapping):
@@ -100,13 +160,24 @@ def coco_mask_ap(
             gt = COCO()
             gt.dataset = data
             gt.createIndex()
+        if not isinstance(gt.dataset.get("images"), list):
+            raise ValueError("gt_coco has no 'images' list; it must be a COCO-format dataset")
         unknown = {r["image_id"] for r in results} - set(gt.getImgIds())
         if unknown:
-            raise ValueError(f"detections refer to image ids not in the GT: {sorted(unknown)[:5]}")
+            shown = sorted(unknown, key=repr)[:5]
+            raise ValueError(f"detections refer to image ids not in the GT: {shown}")
+        for i, r in enumerate(results):
+            img = gt.imgs[r["image_id"]]
+            hw = [img.get("height"), img.get("width")]
+            if "segmentation" in r and None not in hw and r["segmentation"]["size"] != hw:
+                raise ValueError(
+                    f"detection {i}: RLE size {r['segmentation']['size']} differs from image "
+                    f"{r['image_id']!r} size {hw}; encode masks at the original image size"
+                )
         dt = gt.loadRes(results)
         ev = COCOeval(gt, dt, iouType=iou_type)
         if cat_ids is not None:
-            ev.params.catIds = sorted(int(c) for c in cat_ids)
+            ev.params.catIds = sorted(as_int(c, "each of cat_ids") for c in cat_ids)
         if img_ids is not None:
             ev.params.imgIds = sorted(img_ids)
         ev.evaluate()

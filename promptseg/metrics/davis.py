@@ -7,6 +7,7 @@ Values are fractions in [0, 1], as in the reference CSV; reports multiply by 100
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Sequence
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from promptseg.errors import PromptsegError
-from promptseg.metrics._arrays import first_few
+from promptseg.metrics._arrays import as_binary, as_numeric, first_few
 
 __all__ = [
     "DavisFormatError",
@@ -48,18 +49,26 @@ class MissingResultsError(PromptsegError, FileNotFoundError):
 
 
 def _pair(gt: Any, pred: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Both masks as bool arrays of one shape [H, W] or [T, H, W]."""
-    g = np.asarray(gt).astype(bool, copy=False)
-    p = np.asarray(pred).astype(bool, copy=False)
+    """Both masks as bool arrays of one non-empty shape [H, W] or [T, H, W] (T may be 0).
+
+    Masks must be boolean or 0/1, like the other metrics' inputs: the reference tool would read
+    NaN or 255 as foreground, here they are a ValueError.
+    """
+    g = as_binary(gt, "gt")
+    p = as_binary(pred, "pred")
     if g.shape != p.shape:
         raise ValueError(f"gt and pred shapes differ: {g.shape} vs {p.shape}")
     if g.ndim not in (2, 3):
         raise ValueError(f"masks must be [H, W] or [T, H, W], got shape {g.shape}")
+    if 0 in g.shape[-2:]:
+        raise ValueError(f"masks must have at least one pixel (H, W >= 1), got shape {g.shape}")
     return g, p
 
 
 def j_measure(gt: Any, pred: Any) -> float | np.ndarray:
-    """Region similarity |gt & pred| / |gt | pred| (1 for an empty union); per frame if 3-D."""
+    """Region similarity |gt & pred| / |gt | pred| (1 for an empty union); per frame if 3-D.
+
+    Masks are boolean or 0/1 (anything else, NaN included, is a ValueError)."""
     g, p = _pair(gt, pred)
     inter = np.count_nonzero(g & p, axis=(-2, -1))
     union = np.count_nonzero(g | p, axis=(-2, -1))
@@ -86,6 +95,13 @@ def seg2bmap(mask: Any) -> np.ndarray:
 
 def bound_pixels(shape: Sequence[int], bound_th: float = 0.008) -> int:
     """Boundary tolerance radius: ceil(bound_th * image diagonal), or bound_th pixels if >= 1."""
+    if isinstance(bound_th, bool) or not isinstance(bound_th, numbers.Real):
+        raise TypeError(f"bound_th must be a number, got {bound_th!r}")
+    if not (math.isfinite(bound_th) and bound_th >= 0):
+        raise ValueError(
+            f"bound_th must be a finite number >= 0 (a fraction of the diagonal below 1, "
+            f"an integer pixel radius from 1), got {bound_th}"
+        )
     if bound_th >= 1:
         if bound_th != int(bound_th):
             raise ValueError(f"a pixel tolerance bound_th >= 1 must be an integer, got {bound_th}")
@@ -111,7 +127,8 @@ def _dilate_disk(b: np.ndarray, radius: int) -> np.ndarray:
     cs[..., r + 1 + w :] = cs[..., r + w : r + w + 1]
     out = np.zeros(b.shape, dtype=bool)
     runs: dict[int, np.ndarray] = {}
-    for dy in range(-r, r + 1):
+    reach = min(r, h - 1)  # rows farther than the map's height shift out of it entirely
+    for dy in range(-reach, reach + 1):
         half = math.isqrt(r * r - dy * dy)
         if half not in runs:
             runs[half] = (
@@ -129,7 +146,8 @@ def f_measure(gt: Any, pred: Any, bound_th: float = 0.008) -> float | np.ndarray
     """Boundary F-measure within disk(ceil(bound_th * diagonal)) (per frame for [T, H, W]); empty
     boundaries: none predicted -> P 1, R 0; no GT -> P 0, R 1; neither -> 1, 1 (spec §3.4)."""
     g, p = _pair(gt, pred)
-    r = bound_pixels(g.shape, bound_th)
+    # A disk wider than the image diagonal covers it from any pixel: clamping changes nothing.
+    r = min(bound_pixels(g.shape, bound_th), math.ceil(math.hypot(*g.shape[-2:])))
     bg = seg2bmap(g)
     bp = seg2bmap(p)
     # Dilation only matters at boundary pixels: crop to their bounding box (exact, zero border).
@@ -156,8 +174,14 @@ def f_measure(gt: Any, pred: Any, bound_th: float = 0.008) -> float | np.ndarray
 
 def db_statistics(per_frame: Any) -> tuple[float, float, float]:
     """(mean, recall, decay): nanmean; share > 0.5 (NaN is not); first minus last of 4 bins bounded
-    by round(linspace(1, n, 5)) - 1, int64 (the reference's uint8 overflows past 256 frames)."""
-    v = np.asarray(per_frame, dtype=np.float64)
+    by round(linspace(1, n, 5)) - 1, int64 (the reference's uint8 overflows past 256 frames).
+
+    `per_frame` is a 1-D sequence of numbers; an empty one gives NaN for all three."""
+    v = as_numeric(per_frame, "per_frame").astype(np.float64)
+    if v.ndim != 1:
+        raise ValueError(f"per_frame must be a 1-D sequence of frame scores, got shape {v.shape}")
+    if v.size == 0:
+        return math.nan, math.nan, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         mean = np.nanmean(v)
@@ -181,8 +205,11 @@ def read_sequence_list(
 
 def _read_index_png(path: Path) -> np.ndarray:
     """An indexed PNG (palette or grey) as its 2-D array of labels."""
-    with Image.open(path) as im:
-        a = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            a = np.asarray(im)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DavisFormatError(f"{path}: not a readable PNG ({exc})") from None
     if a.ndim != 2:
         raise DavisFormatError(
             f"{path}: expected an indexed (palette) PNG with one label per pixel, "
@@ -191,14 +218,26 @@ def _read_index_png(path: Path) -> np.ndarray:
     return a
 
 
+def _stack_frames(frames: list[np.ndarray], files: list[Path], what: str) -> np.ndarray:
+    """Frames [T, H, W] of one sequence; frames of different sizes are a DavisFormatError."""
+    odd = [f.name for f, a in zip(files, frames, strict=True) if a.shape != frames[0].shape]
+    if odd:
+        raise DavisFormatError(
+            f"{files[0].parent}: {what} frames {first_few(odd)} differ in size from "
+            f"{files[0].name} {frames[0].shape}; all frames of a sequence must have one size"
+        )
+    return np.stack(frames)
+
+
 def _evaluate_sequence(seq: str, gt_files: list[Path], res_dir: Path) -> list[dict[str, Any]]:
     """Per-object rows (per-frame J/F and statistics) of one sequence."""
-    gt = np.stack([_read_index_png(f) for f in gt_files])
+    gt = _stack_frames([_read_index_png(f) for f in gt_files], gt_files, "GT")
     gt = np.where(gt == VOID_LABEL, 0, gt)
     n_obj = int(gt[0].max())
     frames = [f.stem for f in gt_files[1:-1]]
     gt = gt[1:-1]
-    res = np.stack([_read_index_png(res_dir / seq / f"{fid}.png") for fid in frames])
+    res_files = [res_dir / seq / f"{fid}.png" for fid in frames]
+    res = _stack_frames([_read_index_png(f) for f in res_files], res_files, "result")
     if res.shape != gt.shape:
         raise DavisFormatError(
             f"{seq}: result frames have size {res.shape[1:]}, GT has {gt.shape[1:]}; "
@@ -263,7 +302,12 @@ def evaluate_davis(
     Decay (means over objects) and 'per_object' rows with per-frame J and F."""
     root = Path(davis_root)
     res_dir = Path(results_dir)
+    if isinstance(sequences, str):
+        raise TypeError(f"sequences must be a list of names, not the string {sequences!r}")
     seqs = list(sequences) if sequences is not None else read_sequence_list(root, year, split)
+    bad = [s for s in seqs if not isinstance(s, str) or not s or s in (".", "..") or "/" in s]
+    if bad:
+        raise ValueError(f"sequences must be sequence folder names (str), got {bad[:5]}")
     ann_dir = root / "Annotations" / resolution
     gt_files: dict[str, list[Path]] = {}
     missing: list[str] = []

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import as_binary
+from ._arrays import as_binary, as_int
 
 __all__ = ["FewShotSegEvaluator"]
 
@@ -27,7 +27,9 @@ class FewShotSegEvaluator:
     """
 
     def __init__(self, class_ids: Iterable[int]) -> None:
-        ids = [int(c) for c in class_ids]
+        if isinstance(class_ids, str | bytes) or not isinstance(class_ids, Iterable):
+            raise TypeError(f"class_ids must be an iterable of ints, got {class_ids!r}")
+        ids = [as_int(c, "each class id") for c in class_ids]
         if not ids:
             raise ValueError("class_ids must not be empty")
         if len(set(ids)) != len(ids):
@@ -50,7 +52,7 @@ class FewShotSegEvaluator:
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
         try:
-            k = self._index[int(class_id)]
+            k = self._index[as_int(class_id, "class_id")]
         except KeyError:
             raise ValueError(f"class_id {class_id} is not one of {self.class_ids}") from None
         if ignore is None:

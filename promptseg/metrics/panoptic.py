@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -85,11 +86,37 @@ def _as_id_map(x: np.ndarray, name: str) -> np.ndarray:
     return a
 
 
+def _segment_id(segment: Any, where: str, what: str) -> int:
+    """The int id of one `segments_info` entry, which must also have a hashable category_id."""
+    if not isinstance(segment, Mapping) or "id" not in segment or "category_id" not in segment:
+        raise PanopticFormatError(
+            f"{where}: each {what} segment must be a dict with 'id' and 'category_id', "
+            f"got {segment!r}"
+        )
+    sid, cat = segment["id"], segment["category_id"]
+    if isinstance(sid, bool) or not isinstance(sid, numbers.Integral):
+        raise PanopticFormatError(f"{where}: {what} segment id must be an int, got {sid!r}")
+    if not isinstance(cat, int | str) or isinstance(cat, bool):
+        raise PanopticFormatError(
+            f"{where}: {what} segment {sid} has category_id {cat!r}; expected an int (or str)"
+        )
+    return int(sid)
+
+
 def _category_table(categories: Categories) -> dict[Any, Mapping[str, Any]]:
     """Categories as panopticapi's {category_id: category dict} (a list is keyed by 'id')."""
     if isinstance(categories, Mapping):
-        return dict(categories)
-    return {c["id"]: c for c in categories}
+        table = dict(categories)
+    else:
+        if not all(isinstance(c, Mapping) and "id" in c for c in categories):
+            raise ValueError("categories must be dicts with an 'id' (and 'isthing' 0 / 1)")
+        table = {c["id"]: c for c in categories}
+    bad = [
+        k for k, c in table.items() if not isinstance(c, Mapping) or c.get("isthing") not in (0, 1)
+    ]
+    if bad:
+        raise ValueError(f"categories {bad[:5]} lack 'isthing' (0 or 1), which PQ needs")
+    return table
 
 
 class PQStat:
@@ -243,10 +270,10 @@ def pq_stat_image(
     known = set(cat_ids)
     stat = PQStat(cat_ids)
 
-    gt_segms = {int(s["id"]): s for s in gt_segments}
+    gt_segms = {_segment_id(s, where, "GT"): s for s in gt_segments}
     pred_cat: dict[int, Any] = {}
     for s in pred_segments:
-        sid = int(s["id"])
+        sid = _segment_id(s, where, "prediction")
         if sid in pred_cat:
             raise PanopticFormatError(
                 f"{where}: segment id {sid} occurs twice in the prediction JSON"
@@ -281,13 +308,25 @@ def pq_stat_image(
     )
     n_void = {p: n for g, p, n in pairs if g == VOID}
 
+    gt_pixels: dict[int, int] = {}
+    for g, _, n in pairs:
+        gt_pixels[g] = gt_pixels.get(g, 0) + n
+
     def gt_area(g: int) -> int:
-        try:
-            return int(gt_segms[g]["area"])
-        except KeyError:
+        area = gt_segms[g].get("area")
+        if area is None:
+            raise PanopticFormatError(f"{where}: GT segment {g} has no 'area' in its JSON")
+        if (
+            isinstance(area, bool)
+            or not isinstance(area, numbers.Real)
+            or not math.isfinite(area)
+            or area < gt_pixels[g]
+        ):
             raise PanopticFormatError(
-                f"{where}: GT segment {g} has no 'area' in its JSON"
-            ) from None
+                f"{where}: GT segment {g} has 'area' {area!r} in its JSON; it must be a number "
+                f"of at least its {gt_pixels[g]} pixels in the PNG"
+            )
+        return int(area)
 
     gt_matched: set[int] = set()
     pred_matched: set[int] = set()

@@ -58,6 +58,8 @@ class PerSegEvaluator:
     """
 
     def __init__(self, objects: Iterable[str]) -> None:
+        if isinstance(objects, str) or not isinstance(objects, Iterable):
+            raise TypeError(f"objects must be a list of object names, got {objects!r}")
         names = sorted(str(o) for o in objects)
         if not names:
             raise ValueError("objects must not be empty")
@@ -76,6 +78,8 @@ class PerSegEvaluator:
         g = as_binary(gt, "gt")
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} != gt shape {g.shape} (object {obj!r})")
+        if not isinstance(obj, str):
+            raise TypeError(f"obj must be an object name (str), got {obj!r}")
         try:
             k = self._index[obj]
         except KeyError:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ._arrays import to_numpy
+from ._arrays import as_int, as_numeric
 
 __all__ = ["SemSegEvaluator"]
 
@@ -29,10 +29,16 @@ class SemSegEvaluator:
         ignore_label: int = 255,
         class_names: Sequence[str] | None = None,
     ) -> None:
+        num_classes = as_int(num_classes, "num_classes")
+        ignore_label = as_int(ignore_label, "ignore_label")
         if num_classes < 1:
-            raise ValueError("num_classes must be >= 1")
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if 0 <= ignore_label < num_classes:
             raise ValueError(f"ignore_label {ignore_label} collides with a class index")
+        if class_names is not None and (
+            isinstance(class_names, str) or not isinstance(class_names, Sequence)
+        ):
+            raise TypeError(f"class_names must be a list of names, got {class_names!r}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.num_classes = int(num_classes)
@@ -47,12 +53,14 @@ class SemSegEvaluator:
 
     def update(self, pred: Any, gt: Any) -> None:
         """Add one image: integer label maps `pred` and `gt` (same shape, original resolution)."""
-        p = to_numpy(pred)
-        g = to_numpy(gt)
+        p = as_numeric(pred, "pred")
+        g = as_numeric(gt, "gt")
         if p.shape != g.shape:
             raise ValueError(f"pred shape {p.shape} != gt shape {g.shape}")
         if not (np.issubdtype(p.dtype, np.integer) and np.issubdtype(g.dtype, np.integer)):
-            raise TypeError("pred and gt must be integer label maps")
+            raise TypeError(
+                f"pred and gt must be integer label maps, got dtypes {p.dtype} and {g.dtype}"
+            )
         k = self.num_classes
         p = p.astype(np.int64, copy=False).ravel()
         g = g.astype(np.int64).ravel()

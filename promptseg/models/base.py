@@ -37,6 +37,7 @@ __all__ = [
     "ImageEmbedding",
     "OutputSize",
     "compose",
+    "check_frames",
     "check_output_size",
     "check_threshold",
 ]
@@ -127,6 +128,18 @@ def check_output_size(output_size: Any) -> str | tuple[int, int]:
         f"output_size must be 'original', 'input' or (H, W) with integer sides in "
         f"1..{MAX_OUTPUT_SIDE}, got {output_size!r}"
     )
+
+
+def check_frames(frames: Any) -> Sequence[ImageInput]:
+    """`segment_video`'s frames as a non-empty sequence, else an error saying what to pass."""
+    if isinstance(frames, (str, bytes, os.PathLike)) or not isinstance(frames, Sequence):
+        raise TypeError(
+            f"frames must be a list of images (paths, arrays, ...), got {type(frames).__name__}; "
+            "for a folder pass sorted(Path(folder).glob('*.jpg'))"
+        )
+    if len(frames) == 0:
+        raise ValueError("frames is empty; pass at least the first frame")
+    return frames
 
 
 def _is_int(value: Any) -> bool:
@@ -402,7 +415,7 @@ class PromptSegModel(nn.Module, ABC):
             "threshold": threshold,
             "input_size": self.input_size(embedding.image_size, first_input),
             "output_size": size,
-            "weights_sha256": getattr(self.card, "weights_sha256", None),
+            "weights_sha256": self.card.weights_sha256,
             **result.meta,
             "timings": {**result.meta.get("timings", {}), **timings},
         }

@@ -16,6 +16,7 @@ of the empty prompt (`empty_prompt_embedding`), stored with the weights.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -212,7 +213,7 @@ class DiffewS(PromptSegModel):
         tensors = {f"{i}.latents": b.latents.detach().float().cpu().contiguous()
                    for i, b in enumerate(banks)}  # fmt: skip
         meta = {"format": PROMPT_FORMAT, "version": "1", "model": self.card.name,
-                "prompts": str(len(banks))}  # fmt: skip
+                "prompts": str(len(banks)), "sha256": _tensors_sha256(tensors)}  # fmt: skip
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(tensors, str(path), metadata=meta)
 
@@ -227,11 +228,18 @@ class DiffewS(PromptSegModel):
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own types for foreign files
             raise ValueError(f"{path} is not a safetensors file ({exc})") from exc
-        if meta.get("format") != PROMPT_FORMAT or not meta.get("prompts", "").isdigit():
+        if meta.get("format") != PROMPT_FORMAT or meta.get("version") != "1":
             raise ValueError(
-                f"{path} is not a DiffewS prompt file (format {meta.get('format')!r}); write "
-                "one with model.save_prompt_embedding"
+                f"{path} is not a DiffewS prompt file (format {meta.get('format')!r}, version "
+                f"{meta.get('version')!r}); write one with model.save_prompt_embedding"
             )
+        if meta.get("sha256") != _tensors_sha256(tensors):
+            raise ValueError(
+                f"{path}: its tensors do not match the checksum written with them (the file was "
+                "changed or damaged); encode the references again"
+            )
+        if not meta.get("prompts", "").isdigit():
+            raise ValueError(f"{path}: metadata 'prompts' must be a count, got {meta!r}")
         n, channels = int(meta["prompts"]), 2 * self.backbone.unet.config.in_channels
         keys = [f"{i}.latents" for i in range(n)]
         if n < 1 or sorted(tensors) != sorted(keys):
@@ -336,3 +344,13 @@ class DiffewS(PromptSegModel):
                 "score": "mean of the soft map inside the mask",
             },
         )
+
+
+def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (prompt-file integrity)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

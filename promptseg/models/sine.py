@@ -68,6 +68,10 @@ class SINE(SINEVideo, PromptSegModel):
     masks: at most `instance_topk` (100) (query, class) pairs of the S x M, those with score > 0 —
     an empty mask scores 0, so no instance mask is empty (the official [0, 0, 1, 1] box for empty
     masks never arises). Reference masks of any size are resized nearest to their image.
+
+    Scores: identity and instance masks score class prob x mean mask prob, in [0, 1]; a semantic
+    mask scores the peak of its semantic map, a sum over the `head.num_queries` queries of class
+    prob x mask prob, so it lies in [0, num_queries] and may exceed 1 (official threshold 0.7).
     """
 
     levels = ("semantic", "instance", "identity", "all")

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import safetensors
 import safetensors.torch
+import torch
 
 from ..heads.mformer import PooledTokens
+from ..prompts import MAX_ID
 
-__all__ = ["SINEPrompt", "save_prompts", "load_prompts", "PROMPT_FORMAT"]
+__all__ = ["SINEPrompt", "save_prompts", "load_prompts", "PROMPT_FORMAT", "PROTOCOLS"]
 
 PROMPT_FORMAT = "promptseg.sine_prompt"
+PROTOCOLS = ("fss", "fsod")  # pre-processing protocols a prompt has tokens for (sine.py)
 _TOKEN_FIELDS = PooledTokens._fields  # id_tokens, sem_tokens, ids, classes
 
 
@@ -65,7 +68,12 @@ def save_prompts(
 
 
 def load_prompts(path: str | os.PathLike[str]) -> tuple[list[SINEPrompt], dict[str, str]]:
-    """Read prompts written by `save_prompts` -> (prompts, metadata)."""
+    """Read prompts written by `save_prompts` -> (prompts, metadata), checked in full.
+
+    Metadata, tensor names, shapes (id_tokens [N, C], sem_tokens [M, C], ids [N], classes [M]),
+    dtypes and values (finite tokens, distinct ids 0..2**31 - 1) are validated here, so a
+    damaged or hand-made file fails at load with its name instead of later inside the model.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no SINE prompt file at {path}")
@@ -83,15 +91,84 @@ def load_prompts(path: str | os.PathLike[str]) -> tuple[list[SINEPrompt], dict[s
             f"{path} is not a SINE prompt file (metadata format {meta.get('format')!r}, expected "
             f"{PROMPT_FORMAT!r}); write one with SINEPrompt.save or model.save_prompt_embedding"
         )
-    prompts = []
-    for i in range(int(meta["prompts"])):
-        protos = sorted({k.split(".")[1] for k in tensors if k.split(".")[0] == str(i)})
-        prompts.append(
-            SINEPrompt(
-                {
-                    proto: PooledTokens(*(tensors[f"{i}.{proto}.{n}"] for n in _TOKEN_FIELDS))
-                    for proto in protos
-                }
+    n_prompts = _count(path, meta)
+    grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = {i: {} for i in range(n_prompts)}
+    for key, value in tensors.items():
+        parts = key.split(".")
+        if (
+            len(parts) != 3
+            or not parts[0].isdigit()
+            or int(parts[0]) >= n_prompts
+            or parts[1] not in PROTOCOLS
+            or parts[2] not in _TOKEN_FIELDS
+        ):
+            raise ValueError(
+                f"{path}: unexpected tensor {key!r}; a SINE prompt file of {n_prompts} prompt(s) "
+                f"holds INDEX.PROTOCOL.FIELD tensors, INDEX < {n_prompts}, PROTOCOL in "
+                f"{list(PROTOCOLS)}, FIELD in {list(_TOKEN_FIELDS)}; write it with "
+                "model.save_prompt_embedding"
             )
+        grouped[int(parts[0])].setdefault(parts[1], {})[parts[2]] = value
+    prompts = []
+    for i, protos in grouped.items():
+        if not protos:
+            raise ValueError(f"{path}: prompt {i} has no tensors (metadata says {n_prompts})")
+        prompts.append(
+            SINEPrompt({p: _checked_tokens(path, f"{i}.{p}", protos[p]) for p in sorted(protos)})
         )
     return prompts, meta
+
+
+def _count(path: Path, meta: dict[str, str]) -> int:
+    """The metadata's prompt count (a positive integer) and a known version, else ValueError."""
+    if meta.get("version") != "1":
+        raise ValueError(
+            f"{path}: unsupported SINE prompt file version {meta.get('version')!r} (this "
+            "promptseg reads version '1'); encode the references again with this version"
+        )
+    count = meta.get("prompts", "")
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(
+            f"{path}: metadata 'prompts' must be a positive integer, got {meta.get('prompts')!r}; "
+            "write the file with model.save_prompt_embedding"
+        )
+    return int(count)
+
+
+def _checked_tokens(path: Path, name: str, fields: dict[str, torch.Tensor]) -> PooledTokens:
+    """The four tensors of one prompt and protocol as PooledTokens, after checking them."""
+    missing = [f for f in _TOKEN_FIELDS if f not in fields]
+    if missing:
+        raise ValueError(f"{path}: {name} lacks the tensor(s) {missing}")
+    tokens = PooledTokens(*(fields[f] for f in _TOKEN_FIELDS))
+    for field_name in ("id_tokens", "sem_tokens"):
+        t = getattr(tokens, field_name)
+        if t.ndim != 2 or not t.is_floating_point():
+            raise ValueError(
+                f"{path}: {name}.{field_name} must be a float tensor [rows, C], got shape "
+                f"{tuple(t.shape)} and dtype {t.dtype}"
+            )
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{path}: {name}.{field_name} has NaN or infinite values")
+    dim_id, dim_sem = tokens.id_tokens.shape[1], tokens.sem_tokens.shape[1]
+    if dim_id != dim_sem or dim_sem == 0:
+        raise ValueError(
+            f"{path}: {name} has {dim_id}-d ID tokens and {dim_sem}-d semantic tokens; "
+            "both must have the same, positive width"
+        )
+    for field_name, rows_of in (("ids", "id_tokens"), ("classes", "sem_tokens")):
+        t, rows = getattr(tokens, field_name), getattr(tokens, rows_of).shape[0]
+        if t.ndim != 1 or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise ValueError(
+                f"{path}: {name}.{field_name} must be an integer tensor [{rows}], got shape "
+                f"{tuple(t.shape)} and dtype {t.dtype}"
+            )
+        if len(t) != rows:
+            raise ValueError(
+                f"{path}: {name} has {len(t)} {field_name} for {rows} {rows_of}; they must match"
+            )
+        if len(t) and (int(t.min()) < 0 or int(t.max()) > MAX_ID or len(t.unique()) != len(t)):
+            raise ValueError(f"{path}: {name}.{field_name} must be distinct ints in 0..{MAX_ID}")
+    if len(tokens.classes) == 0:
+        raise ValueError(f"{path}: {name} has no semantic token; a prompt has at least one class")
+    return tokens._replace(ids=tokens.ids.long(), classes=tokens.classes.long())

@@ -8,6 +8,7 @@ canvas, and zero-padded; overlaps between objects go to the largest id.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -17,8 +18,15 @@ import torch.nn.functional as F
 from ..heads.mformer import id_scores, unbatch
 from ..imageio import ImageInput, MaskInput, load_image, load_label_map
 from ..transforms import crop_resize, resize_logits, resize_mask
+from .base import check_frames
 
-__all__ = ["SINEVideo", "MemoryBank", "MemoryEntry", "decayed_score", "merge_objects"]
+__all__ = [
+    "SINEVideo",
+    "MemoryBank",
+    "MemoryEntry",
+    "decayed_score",
+    "merge_objects",
+]
 
 
 def decayed_score(score: float, age: int, ratio: int = 20) -> float:
@@ -72,9 +80,13 @@ def _later_masks(
     """`segment_video`'s `masks`, checked: keys must be frame indices 1..len(frames) - 1."""
     if not masks:
         return {}
+    if not isinstance(masks, Mapping):
+        raise TypeError(
+            f"masks must map frame indices to label maps (a dict), got {type(masks).__name__}"
+        )
     later, n_frames = dict(masks), len(frames)
     for t in later:
-        if not 0 < t < n_frames:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 < t < n_frames:
             raise ValueError(
                 f"masks has a label map for frame index {t}, but later masks must be keyed by "
                 f"positions 1..{n_frames - 1} in the {n_frames} frames given (frame 0's objects "
@@ -88,7 +100,8 @@ class SINEVideo:
     (the `video` data config: short_side, canvas, memory), `device` and `dtype`."""
 
     def _video_geometry(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(frame size with the short side at `short_side`, its size on the canvas)."""
+        """(frame size with the short side at `short_side`, its size on the canvas); sides are
+        kept >= 1, so a very wide or tall frame still has a pixel row or column."""
         short, canvas = self.video["short_side"], self.video["canvas"]
         if h <= w:
             small = (short, int(short * w / h))
@@ -98,7 +111,7 @@ class SINEVideo:
             big = (canvas, int(canvas / (small[0] / small[1])))
         else:
             big = (int(canvas / (small[1] / small[0])), canvas)
-        return small, big
+        return (max(1, small[0]), max(1, small[1])), (max(1, big[0]), max(1, big[1]))
 
     def _video_pixels(self, image: torch.Tensor) -> torch.Tensor:
         """Frame -> short side resized, long side to the canvas, normalised, zero-padded."""
@@ -128,7 +141,6 @@ class SINEVideo:
         cuda = self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=cuda)
 
-    @torch.inference_mode()
     def segment_video(
         self,
         frames: Sequence[ImageInput],
@@ -152,9 +164,24 @@ class SINEVideo:
         joining there and the prediction for the others, merged by the same largest-id rule.
         Frame 0 is written with the prediction, as officially. To process only the annotated
         frames (YouTube-VOS: every 5th, unless `--all_frame`), pass only those frames.
+        The arguments are checked when called, before the first frame is decoded.
         """
-        capacity = int(memory or self.video["memory"])
+        frames = check_frames(frames)
+        if memory is None:
+            memory = self.video["memory"]
+        if isinstance(memory, bool) or not isinstance(memory, numbers.Integral) or memory < 1:
+            raise ValueError(
+                f"memory must be an int >= 1 (frames kept per object, the first-frame mask "
+                f"included), got {memory!r}"
+            )
         annotations = {0: first_mask, **_later_masks(masks, frames)}
+        return self._video_frames(frames, annotations, int(memory))
+
+    @torch.inference_mode()
+    def _video_frames(
+        self, frames: Sequence[ImageInput], annotations: dict[int, MaskInput], capacity: int
+    ) -> Iterator[torch.Tensor]:
+        """The frame loop of `segment_video` (a generator: one label map per frame)."""
         banks: dict[int, MemoryBank] = {}
         for t, frame in enumerate(frames):
             image = load_image(frame)

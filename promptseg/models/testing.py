@@ -28,7 +28,7 @@ from ..result import SegmentationResult
 from ..testing.colors import class_color
 from ..transforms import resize_mask
 from ..zoo import ModelCard, model_info
-from .base import ImageEmbedding, PromptSegModel
+from .base import ImageEmbedding, PromptSegModel, check_frames
 
 __all__ = ["ColorKey", "Empty", "ShiftedOracle"]
 
@@ -187,15 +187,25 @@ class ColorKey(PromptSegModel):
     def segment_video(
         self, frames: Sequence[ImageInput], first_mask: MaskInput
     ) -> Iterator[torch.Tensor]:
-        """Label map int64 [H, W] per frame: object k = the colour under label k in frame 0."""
+        """Label map int64 [H, W] per frame: object k = the colour under label k in frame 0.
+
+        The frames and the first mask are checked when called, before the first frame is yielded.
+        """
+        frames = check_frames(frames)
         first = load_image(frames[0])
         labels = load_label_map(first_mask, size=tuple(first.shape[-2:]))
         objects = [int(k) for k in torch.unique(labels) if 0 < int(k) < 255]
         colors = {k: dominant_color(first, labels == k) for k in objects}
+        return self._video_frames(frames, colors)
+
+    def _video_frames(
+        self, frames: Sequence[ImageInput], colors: dict[int, tuple[int, int, int]]
+    ) -> Iterator[torch.Tensor]:
+        """The frame loop of `segment_video` (a generator: one label map per frame)."""
         for frame in frames:
             image = load_image(frame)
             out = torch.zeros(image.shape[1:], dtype=torch.int64)
-            for k in objects:  # overlaps go to the larger id, as SINE resolves them
+            for k in colors:  # overlaps go to the larger id, as SINE resolves them
                 out[self.finish(color_mask(image, [colors[k]]))] = k
             yield out
 

@@ -8,21 +8,19 @@ import threading
 import pytest
 import torch
 
-from promptseg.bench.runner import encode_prompts, environment, prefetch, weights_sha256
+from promptseg.bench.runner import encode_prompts, environment, model_record, prefetch
 
 
 def test_weights_sha256_of_the_file_loaded(tiny_clipseg, tmp_path):
+    from promptseg import create_model
     from promptseg.weights import native_checkpoint_path, save_state_dict_file
 
-    card = tiny_clipseg.card
-    assert weights_sha256(card, pretrained=True, cache_dir=tmp_path) is None  # nothing cached
-    native = native_checkpoint_path(card, tmp_path)
+    assert model_record(tiny_clipseg)["weights_sha256"] is None  # random init
+    native = native_checkpoint_path(tiny_clipseg.card, tmp_path)
     save_state_dict_file(tiny_clipseg.state_dict(), native)
     digest = hashlib.sha256(native.read_bytes()).hexdigest()
-    assert weights_sha256(card, pretrained=True, cache_dir=tmp_path) == digest
-    assert weights_sha256(card, pretrained=False, cache_dir=tmp_path) is None  # random init
-    assert weights_sha256(card, checkpoint_path=native) == digest
-    assert weights_sha256(card, checkpoint_path=tmp_path) is None  # a checkpoint folder
+    cached = create_model("clipseg_test_tiny", cache_dir=tmp_path, checkpoint_path=native)
+    assert model_record(cached)["weights_sha256"] == digest
 
 
 def test_environment_names_the_dtype_as_the_cli_does():
