@@ -157,7 +157,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         native_checkpoint_path,
         save_state_dict_file,
     )
-    from .zoo import build_model
+    from .zoo import build_model, card_for_checkpoint
 
     card = _card_of(args)
     if card.converter is None:
@@ -170,7 +170,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
     with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
         state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
-    load_native_state_dict(build_model(card), state, str(args.file))  # verify before caching
+    model = build_model(card_for_checkpoint(card, args.file))
+    load_native_state_dict(model, state, str(args.file))  # verify before caching
     out = args.output or native_checkpoint_path(card, args.cache_dir)
     save_state_dict_file(state, out)
     print(f"{args.file} -> {out} ({len(state)} tensors)")

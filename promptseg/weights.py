@@ -164,7 +164,7 @@ def resolve_file(
     folder = cache_root(cache_dir) / key
     for source in sources:
         cached = folder / source.filename
-        if cached.is_file():
+        if cached.is_file() or (source.kind == "manual" and cached.is_dir()):
             _verify(
                 cached,
                 source.sha256,
@@ -391,6 +391,8 @@ def _not_found_message(
 # --------------------------------------------------------------------------- reading and writing
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "teacher")
+PIPELINE_COMPONENTS = ("unet", "vae")  # diffusers pipeline subfolders read as `<name>.*` keys
+EMBEDDING_FILE = "empty_prompt_embedding.safetensors"
 _PRETRAINED_NAMES = (
     "model.safetensors",
     "diffusion_pytorch_model.safetensors",
@@ -420,6 +422,8 @@ def _all_tensors(obj: Mapping[Any, Any]) -> bool:
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat {name: tensor} dict, whatever the container."""
     path = Path(path)
+    if path.is_dir() and _is_pipeline(path):
+        return _load_pipeline(path)
     if path.is_dir():
         files = _pretrained_files(path)
         if len(files) == 1:
@@ -453,12 +457,19 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
 
     For a file, the file's sha256. For a save_pretrained folder, the sha256 of the text
     ``sha256sum`` prints for the files read (the weights file, or the shard index and its
-    shards, in that order): ``cd FOLDER && sha256sum model.safetensors | sha256sum``.
+    shards, in that order): ``cd FOLDER && sha256sum model.safetensors | sha256sum``. For a
+    pipeline folder, the same over every component file read, named relative to the folder.
     """
     path = Path(path)
     if not path.is_dir():
         return sha256_file(path)
-    listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in _pretrained_files(path))
+    if _is_pipeline(path):
+        files = [f for _, f in _pipeline_files(path)]
+        names = [f.relative_to(path).as_posix() for f in files]
+    else:
+        files = _pretrained_files(path)
+        names = [f.name for f in files]
+    listing = "".join(f"{sha256_file(f)}  {n}\n" for f, n in zip(files, names, strict=True))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -501,6 +512,58 @@ def _checked_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             f"Known wrapper keys {list(_WRAPPER_KEYS)} are unwrapped when exactly one is present."
         )
     return dict(obj)
+
+
+def _is_pipeline(folder: Path) -> bool:
+    """A diffusers pipeline folder: components (`unet/`, `vae/`) in subfolders."""
+    return any((folder / name).is_dir() for name in PIPELINE_COMPONENTS)
+
+
+def _component_folder(folder: Path, name: str) -> Path | None:
+    """Where a pipeline component's weights are: `name/`, or a nested `name/name/` (diffusers
+    reads both); None when the pipeline has no such component."""
+    for candidate in (folder / name, folder / name / name):
+        if candidate.is_dir() and any((candidate / n).is_file() for n in _PRETRAINED_NAMES):
+            return candidate
+        if candidate.is_dir() and any(candidate.glob("*.index.json")):
+            return candidate
+    return None
+
+
+def _pipeline_files(folder: Path) -> list[tuple[str, Path]]:
+    """(state-dict prefix, file) of everything a pipeline folder's weights are read from."""
+    files = []
+    for name in PIPELINE_COMPONENTS:
+        component = _component_folder(folder, name)
+        if component is not None:
+            files += [(f"{name}.", f) for f in _pretrained_files(component)]
+    if (folder / EMBEDDING_FILE).is_file():
+        files.append(("", folder / EMBEDDING_FILE))
+    return files
+
+
+def _load_pipeline(folder: Path) -> dict[str, torch.Tensor]:
+    """`unet.*`, `vae.*` from a pipeline's component folders, and `empty_prompt_embedding` from
+    `empty_prompt_embedding.safetensors` (key `embedding`) beside them."""
+    state: dict[str, torch.Tensor] = {}
+    for name in PIPELINE_COMPONENTS:
+        component = _component_folder(folder, name)
+        if component is not None:
+            state.update({f"{name}.{k}": v for k, v in load_state_dict_file(component).items()})
+    if (folder / EMBEDDING_FILE).is_file():
+        embedding = load_state_dict_file(folder / EMBEDDING_FILE)
+        if set(embedding) != {"embedding"}:
+            raise CheckpointFormatError(
+                f"{folder / EMBEDDING_FILE} must hold one tensor named `embedding` [1, L, C], "
+                f"found {sorted(embedding)}"
+            )
+        state["empty_prompt_embedding"] = embedding["embedding"]
+    if not state:
+        raise CheckpointFormatError(
+            f"pipeline folder {folder} has no component weights (looked in "
+            f"{', '.join(PIPELINE_COMPONENTS)}/ and their nested folders)"
+        )
+    return state
 
 
 def _pretrained_files(folder: Path) -> list[Path]:

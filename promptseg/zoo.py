@@ -35,6 +35,7 @@ __all__ = [
     "model_info",
     "create_model",
     "build_model",
+    "card_for_checkpoint",
     "components",
 ]
 
@@ -265,6 +266,15 @@ def model_info(name: str, **overrides: Any) -> ModelCard:
     return apply_overrides(card, **overrides) if any(overrides.values()) else card
 
 
+def card_for_checkpoint(card: ModelCard, path: str | os.PathLike) -> ModelCard:
+    """The card with the architecture a checkpoint states, where its family's converter reads
+    one (`config_from`, e.g. diffusers config.json files in a pipeline folder)."""
+    reader = getattr(lookup("converter", card.converter), "config_from", None)
+    if reader is None:
+        return card
+    return dataclasses.replace(card, config=reader(Path(path), card.config))
+
+
 def build_model(card: ModelCard) -> torch.nn.Module:
     """Instantiate the family's module with random weights from a card."""
     return lookup("model family", card.family)(card)
@@ -343,6 +353,8 @@ def create_model(
             f"cache_dir must be a path (str or os.PathLike), got {type(cache_dir).__name__} "
             f"{cache_dir!r}"
         )
+    if checkpoint_path is not None:
+        card = card_for_checkpoint(card, checkpoint_path)
     model = build_model(card)
     if checkpoint_path is not None or pretrained:
         digest = load_pretrained(model, card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)

@@ -158,3 +158,60 @@ def test_converter_maps_every_official_tensor(model):
         convert_diffews(unet)
     with pytest.raises(CheckpointFormatError, match="unknown DiffewS checkpoint layout"):
         convert_diffews({"film_mul.weight": torch.zeros(1)})
+
+
+def write_pipeline(model, folder, *, nested: bool = False, with_vae: bool = True) -> None:
+    """The released layout: unet/ (config.json incl. in_channels_ref + safetensors with
+    conv_in_ref), vae/ (diffusers save_pretrained), empty_prompt_embedding.safetensors."""
+    import json
+
+    unet_dir = folder / "unet" / "unet" if nested else folder / "unet"
+    model.backbone.unet.save_pretrained(unet_dir, safe_serialization=True)
+    config = json.loads((unet_dir / "config.json").read_text())
+    (unet_dir / "config.json").write_text(json.dumps({**config, "in_channels_ref": 8}))
+    weights = safetensors.torch.load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    ref = model.conv_in_ref.state_dict()
+    weights.update({f"conv_in_ref.{k}": v.contiguous() for k, v in ref.items()})
+    safetensors.torch.save_file(weights, unet_dir / "diffusion_pytorch_model.safetensors")
+    if with_vae:
+        model.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        embedding = {"embedding": model.empty_prompt_embedding.contiguous()}
+        safetensors.torch.save_file(embedding, folder / "empty_prompt_embedding.safetensors")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_released_pipeline_folder_loads(model, tmp_path, nested):
+    write_pipeline(model, tmp_path, nested=nested)
+    loaded = promptseg.create_model("diffews_test_tiny", checkpoint_path=tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    from promptseg.weights import weights_sha256
+
+    assert loaded.card.weights_sha256 == weights_sha256(tmp_path)
+
+
+def test_the_architecture_comes_from_the_folder(tmp_path):
+    """A UNet of another size than the zoo entry's loads: diffusers config.json is read."""
+    torch.manual_seed(1)
+    wider = promptseg.create_model(
+        "diffews_test_tiny",
+        pretrained=False,
+        config={"backbone": {"unet": {"block_out_channels": [16, 16]}}},
+    )
+    write_pipeline(wider, tmp_path)
+    loaded = promptseg.create_model("diffews_test_tiny", checkpoint_path=tmp_path)
+    assert list(loaded.backbone.unet.config.block_out_channels) == [16, 16]
+    assert torch.equal(loaded.conv_in_ref.weight, wider.conv_in_ref.weight)
+
+
+def test_a_fold_folder_takes_the_vae_from_the_base_pipeline(model, tmp_path):
+    fold = tmp_path / "coco20i_fold0"
+    write_pipeline(model, fold, with_vae=False)  # unet/ only, as released per fold
+    cache = tmp_path / "cache"
+    with pytest.raises(promptseg.WeightsNotFoundError, match="modelscope.*ref8inchannels"):
+        promptseg.create_model("diffews_test_tiny", checkpoint_path=fold, cache_dir=cache)
+    write_pipeline(model, cache / "diffews_sd21_base" / "stable-diffusion-2-1-ref8inchannels-"
+                   "tag4inchannels")  # fmt: skip
+    loaded = promptseg.create_model("diffews_test_tiny", checkpoint_path=fold, cache_dir=cache)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key

@@ -32,7 +32,7 @@ class DiffusersUNet(Backbone):
         self, unet: Mapping[str, Any], *, output: str | None = None, frozen: bool = False
     ) -> None:
         super().__init__(output)
-        self.unet = UNet2DConditionModel(**dict(unet))
+        self.unet = UNet2DConditionModel.from_config(dict(unet))
         if frozen:
             self.requires_grad_(False)
 

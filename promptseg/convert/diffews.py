@@ -15,7 +15,9 @@ parameters), so only prefixes change; old diffusers VAE attention names are rena
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -118,6 +120,36 @@ def detect_layout(state_dict: StateDict) -> str:
     return "unknown"
 
 
+def _folder_config(folder: Path, name: str) -> dict | None:
+    """A pipeline component's diffusers `config.json` (`name/` or nested `name/name/`), without
+    the private keys and DiffewS's `in_channels_ref`; None when absent."""
+    for candidate in (folder / name / "config.json", folder / name / name / "config.json"):
+        if candidate.is_file():
+            try:
+                config = json.loads(candidate.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise CheckpointFormatError(f"{candidate} is not a readable JSON config") from exc
+            if not isinstance(config, dict):
+                raise CheckpointFormatError(f"{candidate} is not a JSON object")
+            return {k: v for k, v in config.items()
+                    if not k.startswith("_") and k != "in_channels_ref"}  # fmt: skip
+    return None
+
+
+def config_from(path: Path, config: dict) -> dict:
+    """The model config with the UNet / VAE architectures of a pipeline folder's config.json
+    files (as diffusers' from_pretrained reads them), so a checkpoint of any size loads."""
+    if not path.is_dir():
+        return config
+    unet, vae = _folder_config(path, "unet"), _folder_config(path, "vae")
+    out = dict(config)
+    if unet is not None:
+        out["backbone"] = {**config["backbone"], "unet": unet}
+    if vae is not None:
+        out["vae"] = vae
+    return out
+
+
 @register_converter("diffews")
 def convert_diffews(state_dict: StateDict, require: Require | None = None) -> StateDict:
     """Any DiffewS layout promptseg knows -> native (what `checkpoint_path=` accepts)."""
@@ -133,3 +165,6 @@ def convert_diffews(state_dict: StateDict, require: Require | None = None) -> St
         "unknown DiffewS checkpoint layout (expected a pipeline folder with unet/ and vae/, a "
         f"UNet state dict with conv_in_ref.*, or promptseg's own); keys: {sample}, ..."
     )
+
+
+convert_diffews.config_from = config_from  # read by create_model(checkpoint_path=FOLDER)

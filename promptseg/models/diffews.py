@@ -110,7 +110,7 @@ class DiffewS(PromptSegModel):
         cfg = card.config
         backbone = dict(cfg["backbone"])
         self.backbone = lookup("backbone", backbone.pop("name"))(output="unet_taps", **backbone)
-        self.vae = AutoencoderKL(**cfg["vae"]).requires_grad_(False)
+        self.vae = AutoencoderKL.from_config(dict(cfg["vae"])).requires_grad_(False)
         conv_in = self.backbone.unet.conv_in
         self.conv_in_ref = nn.Conv2d(
             2 * conv_in.in_channels, conv_in.out_channels, conv_in.kernel_size, padding=1
