@@ -42,6 +42,7 @@ __all__ = [
     "load_state_dict_file",
     "resolve_file",
     "load_pretrained",
+    "pretrained_state",
     "convert_checkpoint",
     "fetch_native",
     "native_checkpoint_path",
@@ -831,6 +832,39 @@ def _check_finite(state: Mapping[str, torch.Tensor], origin: str) -> None:
         )
 
 
+def pretrained_state(
+    card: Any,
+    *,
+    checkpoint_path: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """A model's weights in the native layout: checkpoint_path > converted cache > hub > URL
+    (design §4) -> (state dict, where they came from, sha256 of what was read).
+
+    The sha256 is of `checkpoint_path`, else of the converted cache file (also when it was just
+    written from a download or conversion). Shared components a converter adds (e.g. CLIP for a
+    decoder-only file) are checked against zoo.yaml. Nothing is built: call it before the model.
+    """
+    if checkpoint_path is not None:
+        origin = str(checkpoint_path)
+        with blame_file(origin, checkpoint_hint(card, cache_dir)):
+            read = load_state_dict_file(checkpoint_path)
+            digest = weights_sha256(checkpoint_path)
+            state = convert_checkpoint(card, read, cache_dir=cache_dir, progress=progress)
+        return state, origin, digest
+    native = native_checkpoint_path(card, cache_dir)
+    if native.is_file():  # through the converter too: it updates older native layouts
+        hint = "Delete it; the next load converts the weights again."
+        with blame_file(str(native), f"{hint} {where_to_get(card, cache_dir)}"):
+            state = convert_checkpoint(
+                card, load_state_dict_file(native), cache_dir=cache_dir, progress=progress
+            )
+    else:
+        state = fetch_native(card, cache_dir=cache_dir, progress=progress)
+    return state, str(native), sha256_file(native)
+
+
 def load_pretrained(
     model: torch.nn.Module,
     card: Any,
@@ -839,30 +873,9 @@ def load_pretrained(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> str:
-    """Load weights into `model`: checkpoint_path > converted cache > hub > URL (design §4).
-
-    Returns the sha256 of the weights read (`weights_sha256`): of `checkpoint_path`, else of the
-    converted cache file (also when it was just written from a download or conversion). Shared
-    components a converter adds (e.g. CLIP for a decoder-only file) are checked against zoo.yaml.
-    """
-    if checkpoint_path is not None:
-        origin = str(checkpoint_path)
-        with blame_file(origin, checkpoint_hint(card, cache_dir)):
-            read = load_state_dict_file(checkpoint_path)
-            digest = weights_sha256(checkpoint_path)
-            state = convert_checkpoint(card, read, cache_dir=cache_dir, progress=progress)
-    else:
-        native = native_checkpoint_path(card, cache_dir)
-        origin = str(native)
-        if native.is_file():  # through the converter too: it updates older native layouts
-            hint = "Delete it; the next load converts the weights again."
-            digest = sha256_file(native)
-            with blame_file(origin, f"{hint} {where_to_get(card, cache_dir)}"):
-                state = convert_checkpoint(
-                    card, load_state_dict_file(native), cache_dir=cache_dir, progress=progress
-                )
-        else:
-            state = fetch_native(card, cache_dir=cache_dir, progress=progress)
-            digest = sha256_file(native)
+    """Load `pretrained_state` into `model` (strict, see load_native_state_dict); its sha256."""
+    state, origin, digest = pretrained_state(
+        card, checkpoint_path=checkpoint_path, cache_dir=cache_dir, progress=progress
+    )
     load_native_state_dict(model, state, origin, skip=card.replaced)
     return digest

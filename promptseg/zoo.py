@@ -26,7 +26,7 @@ from .errors import UnknownModelError
 from .overrides import merge, merge_checked
 from .registry import lookup
 from .transforms import DATA_CONFIG_KEYS
-from .weights import WeightSource, load_pretrained
+from .weights import WeightSource, load_native_state_dict, pretrained_state
 
 __all__ = [
     "ModelCard",
@@ -73,7 +73,7 @@ class ModelCard:
     converter: str | None = None  # reads any checkpoint layout of the family (checkpoint_path=)
     components: dict[str, tuple[WeightSource, ...]] = field(default_factory=dict)  # shared files
     replaced: tuple[str, ...] = ()  # parts (backbone/head) swapped for other registered ones
-    weights_sha256: str | None = None  # of the weights loaded (load_pretrained); None: random
+    weights_sha256: str | None = None  # of the weights loaded (pretrained_state); None: random
 
     @property
     def pretrained(self) -> bool:
@@ -355,9 +355,13 @@ def create_model(
         )
     if checkpoint_path is not None:
         card = card_for_checkpoint(card, checkpoint_path)
+    weights = None
+    if checkpoint_path is not None or pretrained:  # found (or a clear miss) before building
+        weights = pretrained_state(card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
     model = build_model(card)
-    if checkpoint_path is not None or pretrained:
-        digest = load_pretrained(model, card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
+    if weights is not None:
+        state, origin, digest = weights
+        load_native_state_dict(model, state, origin, skip=card.replaced)
         model.card = dataclasses.replace(model.card, weights_sha256=digest)
     model.eval()
     if device is not None or dtype is not None:

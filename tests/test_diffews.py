@@ -215,3 +215,34 @@ def test_a_fold_folder_takes_the_vae_from_the_base_pipeline(model, tmp_path):
     loaded = promptseg.create_model("diffews_test_tiny", checkpoint_path=fold, cache_dir=cache)
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_empty_prompt_embedding_is_computed_once_from_the_text_encoder(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from promptseg.convert.diffews import write_empty_prompt_embedding
+
+    config = transformers.CLIPTextConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2
+    )
+    torch.manual_seed(0)
+    text = transformers.CLIPTextModel(config).eval()
+    text.save_pretrained(tmp_path / "text_encoder")
+    path = write_empty_prompt_embedding(tmp_path)
+    embedding = safetensors.torch.load_file(path)["embedding"]
+    with torch.no_grad():
+        padded = text(input_ids=torch.tensor([[49406, 49407] + [0] * 75])).last_hidden_state
+    assert embedding.shape == (1, 2, 8)  # not padded: BOS, EOS
+    torch.testing.assert_close(embedding, padded[:, :2], atol=1e-5, rtol=0)  # causal: same rows
+
+
+def test_released_weights_say_where_to_put_them(tmp_path):
+    """ModelScope is not fetched automatically: the error names the folder, its source and the
+    base pipeline it also needs, at once (no SD 2.1 model is built first)."""
+    with pytest.raises(promptseg.WeightsNotFoundError) as err:
+        promptseg.create_model("diffews_sd21.coco20i_fold0", cache_dir=tmp_path)
+    message = str(err.value)
+    assert "zzzmmz/Diffews" in message and "weight/coco_fold0" in message
+    assert str(tmp_path / "diffews_sd21.coco20i_fold0" / "coco_fold0") in message
+    assert "diffews_sd21_base" in message and "ref8inchannels" in message
+    card = promptseg.model_info("diffews_sd21")
+    assert card.name == "diffews_sd21.incontext" and card.default_threshold == 0.25

@@ -19,13 +19,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from ..errors import CheckpointFormatError
 from ..registry import register_converter
 from .common import expect_no_leftovers, rename_keys, strip_prefix
 
-__all__ = ["convert_diffews", "detect_layout", "pipeline_to_native", "unet_to_native"]
+__all__ = [
+    "convert_diffews",
+    "detect_layout",
+    "pipeline_to_native",
+    "unet_to_native",
+    "write_empty_prompt_embedding",
+]
 
 StateDict = dict[str, torch.Tensor]
 Require = Callable[[str], StateDict]
@@ -76,7 +83,9 @@ def _embedding(state_dict: StateDict, where: str) -> StateDict:
     if "empty_prompt_embedding" not in state_dict:
         raise CheckpointFormatError(
             f"{where} has no empty-prompt embedding: put empty_prompt_embedding.safetensors "
-            "(key `embedding`, [1, L, C]) beside the weights"
+            "(key `embedding`, [1, L, C]) beside the weights, or compute it once from the "
+            "pipeline's text encoder with promptseg.convert.diffews.write_empty_prompt_embedding"
+            "(FOLDER)"
         )
     e = state_dict["empty_prompt_embedding"]
     if e.ndim != 3 or e.shape[0] != 1 or not torch.isfinite(e).all():
@@ -118,6 +127,36 @@ def detect_layout(state_dict: StateDict) -> str:
     if "conv_in.weight" in state_dict and any(k.startswith("down_blocks.") for k in state_dict):
         return "unet"
     return "unknown"
+
+
+def write_empty_prompt_embedding(folder: str | Path) -> Path:
+    """Compute the constant text conditioning once, from a pipeline folder's `text_encoder/` (and
+    `tokenizer/`): the empty prompt not padded (BOS, EOS) through the CLIP text model, final
+    layer norm included -> `empty_prompt_embedding.safetensors` (key `embedding`) in `folder`.
+
+    Needs the `transformers` package (inference never loads a text encoder afterwards).
+    """
+    folder = Path(folder)
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as exc:
+        raise ImportError(
+            "computing the empty-prompt embedding needs `transformers` (pip install "
+            "transformers), or put empty_prompt_embedding.safetensors in the folder yourself"
+        ) from exc
+    if not (folder / "text_encoder").is_dir():
+        raise FileNotFoundError(f"{folder} has no text_encoder/ folder to embed the empty prompt")
+    model = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    if (folder / "tokenizer").is_dir():
+        ids = CLIPTokenizer.from_pretrained(folder / "tokenizer")("", padding="do_not_pad")
+        ids = torch.tensor([ids["input_ids"]])
+    else:  # the CLIP tokenizer's "" without padding is BOS, EOS
+        ids = torch.tensor([[model.config.bos_token_id, model.config.eos_token_id]])
+    with torch.no_grad():
+        embedding = model(input_ids=ids).last_hidden_state.float().contiguous()  # [1, 2, C]
+    path = folder / "empty_prompt_embedding.safetensors"
+    safetensors.torch.save_file({"embedding": embedding}, str(path))
+    return path
 
 
 def _folder_config(folder: Path, name: str) -> dict | None:
