@@ -93,6 +93,21 @@ def _check_model_args(args: argparse.Namespace) -> bool:
     return takes_weights
 
 
+def _build_model(args: argparse.Namespace):
+    """The model of --model with --checkpoint, --cache-dir, --device and --config (checked)."""
+    from .overrides import parse_key_values
+    from .zoo import create_model
+
+    return create_model(
+        args.model,
+        pretrained=_check_model_args(args),
+        checkpoint_path=args.checkpoint,
+        cache_dir=args.cache_dir,
+        device=args.device,
+        config=parse_key_values(args.config),
+    )
+
+
 def _check_prompt_files(args: argparse.Namespace) -> None:
     """Every --ref / --shot image and mask must be an existing file."""
     for image, mask in args.ref or []:
@@ -213,8 +228,6 @@ def _shot_prompts(shot: list[str]) -> list:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .overrides import parse_key_values
-    from .zoo import create_model
 
     _need_file(args.image, "IMAGE")
     _check_prompt_files(args)
@@ -228,15 +241,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         _need_file(args.prompt_file, "--prompt-file")
     if Path(args.output).is_file():
         raise ValueError(f"--output {args.output!r} is a file; give a folder to write into")
-    takes_weights = _check_model_args(args)
-    model = create_model(
-        args.model,
-        pretrained=takes_weights,
-        checkpoint_path=args.checkpoint,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        config=parse_key_values(args.config),
-    )
+    model = _build_model(args)
     if args.prompt_file:
         prompts = model.load_prompt_embedding(args.prompt_file)
     result = model.segment(args.image, prompts, level=args.level, threshold=args.threshold)
@@ -251,8 +256,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_encode_prompt(args: argparse.Namespace) -> int:
-    from .overrides import parse_key_values
-    from .zoo import create_model
 
     _check_prompt_files(args)
     prompts = _prompts_from_args(args)
@@ -260,15 +263,7 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
         raise ValueError("encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable) or --ref")
     if Path(args.output).is_dir():
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
-    takes_weights = _check_model_args(args)
-    model = create_model(
-        args.model,
-        pretrained=takes_weights,
-        checkpoint_path=args.checkpoint,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        config=parse_key_values(args.config),
-    )
+    model = _build_model(args)
     model.save_prompt_embedding(model.encode_prompt(model.prepare_prompts(prompts)), args.output)
     print(f"encoded {len(prompts)} prompt(s) into {args.output}")
     return 0
@@ -278,8 +273,6 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
     import inspect
 
     from .imageio import save_label_png
-    from .overrides import parse_key_values
-    from .zoo import create_model
 
     if args.first_mask is None and args.masks_dir is None:
         raise ValueError("give the first frame's labels with --first-mask PNG or --masks-dir DIR")
@@ -322,15 +315,7 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
             f"{frames[0].stem}.png in --masks-dir {args.masks_dir}"
         )
     later = {t: annotations[p.stem] for t, p in enumerate(frames) if t and p.stem in annotations}
-    takes_weights = _check_model_args(args)
-    model = create_model(
-        args.model,
-        pretrained=takes_weights,
-        checkpoint_path=args.checkpoint,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        config=parse_key_values(args.config),
-    )
+    model = _build_model(args)
     options = {"memory": args.memory} if args.memory else {}
     if later:
         if "masks" not in inspect.signature(model.segment_video).parameters:

@@ -17,12 +17,12 @@ from promptseg.train.common import (
     build_optimiser,
     optimiser_step,
     parameter_groups,
+    trainable_model,
 )
 from promptseg.train.sine import (
     PairSampler,
     large_scale_jitter,
     train_sine,
-    trainable_model,
     training_pair,
 )
 from promptseg.train.sine import SINETrainConfig as TrainConfig
@@ -122,7 +122,7 @@ def test_config_errors_name_the_key():
 
 
 def test_lr_follows_warmup_then_linear_decay(tmp_path):
-    model = trainable_model(tiny_config(tmp_path))
+    model = trainable_model(tiny_config(tmp_path), "backbone")
     config = tiny_config(tmp_path, lr=1e-3, steps=10, warmup_steps=4)
     optimiser, schedule = build_optimiser(model.head, config)
     # step s < 4: lr * s / 4; then lr * (10 - s) / (10 - 4), reaching 0 after the last step
@@ -138,7 +138,7 @@ def test_lr_follows_warmup_then_linear_decay(tmp_path):
 
 
 def test_gradients_are_clipped_to_the_max_norm(tmp_path):
-    model = trainable_model(tiny_config(tmp_path))
+    model = trainable_model(tiny_config(tmp_path), "backbone")
     optimiser, schedule = build_optimiser(model.head, tiny_config(tmp_path))
     params = list(model.head.parameters())
 
@@ -156,7 +156,7 @@ def test_gradients_are_clipped_to_the_max_norm(tmp_path):
 
 
 def test_no_weight_decay_for_layernorm_and_embeddings(tmp_path):
-    head = trainable_model(tiny_config(tmp_path)).head
+    head = trainable_model(tiny_config(tmp_path), "backbone").head
     decay, no_decay = parameter_groups(head, 0.05)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
     embeddings = {"query_feat", "query_embed", "query_grained_embed", "neg_class_embed"}
@@ -235,7 +235,7 @@ def test_frozen_encoder_gets_no_gradient(tmp_path):
     config = tiny_config(
         tmp_path, annotations=str(ann), images=str(tmp_path), steps=2, warmup_steps=1
     )
-    model = trainable_model(config)
+    model = trainable_model(config, "backbone")
     sampler = PairSampler(
         CocoInstances(ann, tmp_path), model.canvas("fss"), np.random.default_rng(0)
     )
@@ -245,7 +245,7 @@ def test_frozen_encoder_gets_no_gradient(tmp_path):
     assert any(p.grad is not None for p in model.head.parameters())
     # a short run leaves the encoder weights as initialised and changes the head
     torch.manual_seed(config.seed)
-    fresh = trainable_model(config).state_dict()
+    fresh = trainable_model(config, "backbone").state_dict()
     train_sine(config, progress=False)
     saved = load_state_dict_file(tmp_path / "run" / "promptseg.safetensors")
     backbone = [k for k in fresh if k.startswith("backbone.")]

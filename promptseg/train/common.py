@@ -32,6 +32,7 @@ __all__ = [
     "build_optimiser",
     "optimiser_step",
     "run_from_file",
+    "trainable_model",
 ]
 
 
@@ -192,6 +193,23 @@ def optimiser_step(
     optimiser.step()
     schedule.step()
     return float(norm)
+
+
+def trainable_model(config: TrainConfig, frozen: str) -> Any:
+    """The configured model in training mode, its submodule `frozen` (an encoder, a VAE) without
+    gradients and in eval mode."""
+    from ..zoo import create_model
+
+    model = create_model(
+        config.model,
+        pretrained=config.pretrained,
+        checkpoint_path=config.checkpoint,
+        device=config.device,
+        config=config.model_config or None,
+    )
+    model.train()
+    getattr(model, frozen).requires_grad_(False).eval()
+    return model
 
 
 def run_from_file(

@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 from ..errors import DatasetLayoutError
 from ..registry import register_trainer
-from .common import CocoInstances, TrainConfig, lr_factor, optimiser_step, run_from_file
+from .common import (
+    CocoInstances,
+    TrainConfig,
+    lr_factor,
+    optimiser_step,
+    run_from_file,
+    trainable_model,
+)
 
 __all__ = ["DiffewSTrainConfig", "EpisodeSampler", "episode_loss", "train_diffews"]
 
@@ -107,22 +114,6 @@ def episode_loss(
     return F.mse_loss(out[:1].float(), target.float()) + 0.0 * out[1:].sum()
 
 
-def trainable_model(config: DiffewSTrainConfig) -> Any:
-    """The configured model in training mode with its VAE frozen (eval mode)."""
-    from ..zoo import create_model
-
-    model = create_model(
-        config.model,
-        pretrained=config.pretrained,
-        checkpoint_path=config.checkpoint,
-        device=config.device,
-        config=config.model_config or None,
-    )
-    model.train()
-    model.vae.requires_grad_(False).eval()
-    return model
-
-
 def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run."""
     from ..weights import save_state_dict_file
@@ -130,7 +121,7 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     config.check()
     torch.manual_seed(config.seed)
     data = CocoInstances(config.annotations, config.images)
-    model = trainable_model(config)
+    model = trainable_model(config, "vae")
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay

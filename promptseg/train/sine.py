@@ -49,6 +49,7 @@ from .common import (
     optimiser_step,
     pil_resize,
     run_from_file,
+    trainable_model,
 )
 
 __all__ = [
@@ -56,7 +57,6 @@ __all__ = [
     "View",
     "PairSampler",
     "large_scale_jitter",
-    "trainable_model",
     "train_sine",
     "train_from_file",
 ]
@@ -196,23 +196,6 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
     return out, target
 
 
-def trainable_model(config: SINETrainConfig) -> Any:
-    """The configured model in training mode with its encoder frozen (no grad, eval mode)."""
-    from ..zoo import create_model
-
-    model = create_model(
-        config.model,
-        pretrained=config.pretrained,
-        checkpoint_path=config.checkpoint,
-        device=config.device,
-        config=config.model_config or None,
-    )
-    model.train()
-    model.backbone.requires_grad_(False)
-    model.backbone.eval()
-    return model
-
-
 def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]:
     """Run `config.steps` optimiser steps; returns the loss of every step; saves checkpoints."""
     from ..weights import save_state_dict_file
@@ -220,7 +203,7 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
     config.check()
     torch.manual_seed(config.seed)
     data = CocoInstances(config.annotations, config.images)
-    model = trainable_model(config)
+    model = trainable_model(config, "backbone")
     optimiser, schedule = build_optimiser(model.head, config)
     criterion = SINECriterion()
     sampler = PairSampler(
