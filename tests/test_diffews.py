@@ -246,3 +246,32 @@ def test_released_weights_say_where_to_put_them(tmp_path):
     assert "diffews_sd21_base" in message and "ref8inchannels" in message
     card = promptseg.model_info("diffews_sd21")
     assert card.name == "diffews_sd21.incontext" and card.default_threshold == 0.25
+
+
+def test_the_official_code_gives_the_same_unet_output():
+    """v of the official MyUNet2DConditionModel (diffews commit d12c396 on diffusers 0.25, its
+    SDPA bank processor, the support call then the query call), stored on a tiny random UNet:
+    ours, fused or in two passes, gives the same numbers on the same weights and inputs."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "diffews_official_tiny.safetensors"
+    stored = safetensors.torch.load_file(path)
+    model = promptseg.create_model("diffews_test_tiny", pretrained=False)
+    unet = {k[len("unet.") :]: v for k, v in stored.items() if k.startswith("unet.")}
+    ref = {
+        k[len("conv_in_ref.") :]: unet.pop(k) for k in list(unet) if k.startswith("conv_in_ref.")
+    }
+    model.backbone.unet.load_state_dict(unet, strict=True)
+    model.conv_in_ref.load_state_dict(ref, strict=True)
+    with torch.no_grad():
+        model.empty_prompt_embedding.copy_(stored["text"])
+    with torch.inference_mode():
+        fused = model.query_pass(stored["query"], SupportBank(stored["support"]))
+        bank = model.support_pass(SupportBank(stored["support"]))
+        two_pass = model.query_pass(stored["query"], bank)
+        alone = model.unet_pass(stored["query"], n_query=1)  # no bank: plain self-attention
+    official = stored["v_official"]
+    assert official.abs().max() > 10  # a spread the comparison can see
+    torch.testing.assert_close(fused, official, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(two_pass, official, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(alone, stored["v_official_without_support"], atol=1e-4, rtol=1e-5)
