@@ -12,7 +12,7 @@ import torch
 
 import promptseg
 from promptseg.errors import CheckpointFormatError
-from promptseg.models.diffews import SupportBank, quantized_map, relative_mask
+from promptseg.models.diffews import SupportBank, quantized_map, relative_threshold
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,17 @@ def test_quantised_map_floors_and_the_threshold_is_relative_to_all_channels():
     p = quantized_map(decoded)
     # 255 * (0.5 * x + 0.5), floored: clamp(-2) -> 0, 0 -> 127 (127.5), 0.999 -> 254, 0.5 -> 191
     assert (p * 255).round().flatten().tolist() == [0, 127, 254, 0, 191, 255]
+
+    def mask(p, tau):
+        return p.mean(dim=1) > relative_threshold(p, tau)[:, None, None]
+
     # channel means 445/765 and 382/765; max over ALL channels is 255/255 = 1 -> thr 0.55
-    assert relative_mask(p, 0.55).tolist() == [[[True, False]]]
-    assert relative_mask(p, 0.2).tolist() == [[[True, True]]]
+    assert relative_threshold(p, 0.55).tolist() == pytest.approx([0.55])
+    assert mask(p, 0.55).tolist() == [[[True, False]]]
+    assert mask(p, 0.2).tolist() == [[[True, True]]]
     # strict >, and an all-zero map is empty
-    assert not relative_mask(torch.zeros(1, 3, 2, 2), 0.25).any()
-    same = torch.full((1, 3, 1, 1), 0.5)
-    assert not relative_mask(same, 1.0).any()
+    assert not mask(torch.zeros(1, 3, 2, 2), 0.25).any()
+    assert not mask(torch.full((1, 3, 1, 1), 0.5), 1.0).any()
 
 
 def test_fused_pass_equals_the_two_official_passes(model, episode):

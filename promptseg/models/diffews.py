@@ -39,7 +39,7 @@ from ..result import SegmentationResult
 from ..transforms import resize_logits, resize_mask
 from .base import ImageEmbedding, PromptSegModel
 
-__all__ = ["DiffewS", "SupportBank", "quantized_map", "relative_mask"]
+__all__ = ["DiffewS", "SupportBank", "quantized_map", "relative_threshold"]
 
 TIMESTEP = 1  # constant, training and test
 PROMPT_FORMAT = "promptseg.diffews_support"
@@ -69,12 +69,11 @@ def quantized_map(decoded: Tensor) -> Tensor:
     return torch.floor(p.clamp(0, 255)) / 255.0
 
 
-def relative_mask(p: Tensor, tau: float, reference: Tensor | None = None) -> Tensor:
-    """mean over channels of P [B, 3, H, W] > tau x max of `reference` (default P) over all
-    channels and pixels (strict `>`) -> bool [B, H, W]; an all-zero map gives an empty mask."""
-    reference = p if reference is None else reference
-    thr = tau * reference.flatten(1).amax(dim=1)  # [B]
-    return p.mean(dim=1) > thr[:, None, None]
+def relative_threshold(p: Tensor, tau: float) -> Tensor:
+    """The official relative threshold of maps P [B, 3, H, W]: tau x the maximum over all three
+    channels and every pixel (not over the channel mean) -> [B]. A pixel is foreground when the
+    channel mean is strictly above it, so an all-zero map gives an empty mask."""
+    return tau * p.flatten(1).amax(dim=1)
 
 
 class _InputConvs(nn.Module):
@@ -324,7 +323,7 @@ class DiffewS(PromptSegModel):
         the map's maximum over all channels at the processing resolution (default), or absolute."""
         soft = resize_logits(raw.mean(dim=1), size)  # [P, H, W]
         if self.threshold_mode == "relative":
-            thr = threshold * raw.flatten(1).amax(dim=1)  # max over channels and pixels
+            thr = relative_threshold(raw, threshold)
         else:
             thr = torch.full((raw.shape[0],), float(threshold))
         masks = (soft > thr[:, None, None]).cpu()
