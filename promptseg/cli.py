@@ -75,13 +75,30 @@ def _need_folder(path: str, what: str) -> None:
 
 
 def _check_model_args(args: argparse.Namespace) -> bool:
-    """Check --model / --checkpoint before any weights are read; True when the model takes weights.
+    """Check --model / --checkpoint / --random-weights before any weights are read; True when
+    weights are to be loaded.
 
     Models without a checkpoint converter (the `test_*` models) hold no weights to load.
     """
-    from .zoo import model_info
+    from .zoo import check_device, model_info
 
-    takes_weights = model_info(args.model).converter is not None
+    card = model_info(args.model)
+    check_device(args.device)
+    takes_weights = card.converter is not None
+    if args.random_weights:
+        if args.checkpoint is not None:
+            raise ValueError("give --checkpoint FILE or --random-weights, not both")
+        print(
+            f"promptseg: {card.name} with RANDOM weights: the masks mean nothing (for trying "
+            "the command and the pipeline only)",
+            file=sys.stderr,
+        )
+        return False
+    if takes_weights and not card.weights and args.checkpoint is None:
+        raise ValueError(
+            f"--model {card.name} has no released weights: pass --checkpoint FILE (or FOLDER) "
+            "with weights of your own, or --random-weights to try it with random weights"
+        )
     if args.checkpoint is not None:
         if not takes_weights:
             raise ValueError(f"--model {args.model} takes no weights; leave --checkpoint out")
@@ -381,6 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
         p.add_argument("--checkpoint", help="weights file to use instead of the cache/hub")
+        p.add_argument(
+            "--random-weights",
+            action="store_true",
+            help="build the model with random weights (meaningless masks; to try a command or "
+            "a model whose weights you do not have)",
+        )
         config_arg(p)
         cache(p)
 

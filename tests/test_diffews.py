@@ -4,6 +4,7 @@ support banks reused across queries, per-component dtypes."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,28 @@ def test_the_official_code_gives_the_same_unet_output():
     torch.testing.assert_close(fused, official, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(two_pass, official, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(alone, stored["v_official_without_support"], atol=1e-4, rtol=1e-5)
+
+
+def test_cli_segment_and_prompt_files_with_random_weights(tmp_path, capsys, episode):
+    from PIL import Image
+
+    from promptseg.cli import main
+
+    img, ref, mask = episode
+    Image.fromarray(img).save(tmp_path / "q.png")
+    Image.fromarray(ref).save(tmp_path / "r.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "m.png")
+    shot = ["--shot", str(tmp_path / "r.png"), str(tmp_path / "m.png")]
+    base = ["--model", "diffews_test_tiny"]
+    assert main(["segment", str(tmp_path / "q.png"), *base, *shot, "-o", str(tmp_path)]) == 2
+    assert "--random-weights" in capsys.readouterr().err  # the CLI's words, not Python's
+    out = ["-o", str(tmp_path / "seg")]
+    assert main(["segment", str(tmp_path / "q.png"), *base, *shot, "--random-weights", *out]) == 0
+    captured = capsys.readouterr()
+    assert "RANDOM weights" in captured.err and "'support set 0'" in captured.out
+    assert (tmp_path / "seg" / "mask_000_support_set_0.png").is_file()
+    prompt = str(tmp_path / "support.safetensors")
+    args = ["encode-prompt", *base, *shot, "--random-weights", "-o", prompt]
+    assert main(args) == 0 and Path(prompt).is_file()
+    args = ["segment", str(tmp_path / "q.png"), *base, "--prompt-file", prompt, "--random-weights"]
+    assert main([*args, "-o", str(tmp_path / "again")]) == 0
