@@ -17,10 +17,7 @@ from torch import nn
 
 from ..contracts import FEATURE_KINDS, FeatureInfo
 
-__all__ = ["Backbone", "IMAGENET_DATA_CONFIG", "vit_taps", "vit_feature_info"]
-
-#: preprocessing of ImageNet-trained encoders (DINOv2, timm ViTs); CLIP has its own statistics.
-IMAGENET_DATA_CONFIG = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+__all__ = ["Backbone", "vit_taps", "vit_feature_info"]
 
 
 class Backbone(nn.Module, ABC):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 
 from ..imageio import load_image, load_mask
 from ..layers.kv_bank import KVBank, kv_bank_processors
+from ..prompt_files import read_prompt_file, warn_other_model
 from ..prompts import Prompt, SupportSet, VisualPrompt
 from ..registry import lookup, register_model
 from ..result import SegmentationResult
@@ -218,20 +218,11 @@ class DiffewS(PromptSegModel):
 
     def load_prompt_embedding(self, path: str | os.PathLike[str]) -> list[SupportBank]:
         """Read support sets written by save_prompt_embedding (checked), on this device."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no DiffewS prompt file at {path}")
-        try:
-            with safetensors.safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises its own types for foreign files
-            raise ValueError(f"{path} is not a safetensors file ({exc})") from exc
-        if meta.get("format") != PROMPT_FORMAT or meta.get("version") != "1":
-            raise ValueError(
-                f"{path} is not a DiffewS prompt file (format {meta.get('format')!r}, version "
-                f"{meta.get('version')!r}); write one with model.save_prompt_embedding"
-            )
+        tensors, meta = read_prompt_file(
+            path, "DiffewS", PROMPT_FORMAT, "write one with model.save_prompt_embedding"
+        )
+        if meta.get("version") != "1":
+            raise ValueError(f"{path}: unknown DiffewS prompt file version {meta.get('version')!r}")
         if meta.get("sha256") != _tensors_sha256(tensors):
             raise ValueError(
                 f"{path}: its tensors do not match the checksum written with them (the file was "
@@ -252,12 +243,7 @@ class DiffewS(PromptSegModel):
                 )
             if not torch.isfinite(t).all():
                 raise ValueError(f"{path}: {key} holds NaN or infinite values")
-        if meta.get("model", self.card.name) != self.card.name:
-            warnings.warn(
-                f"{path} was encoded by {meta['model']}, not {self.card.name}: its latents only "
-                "fit the VAE that made them; encode the references again with this model",
-                stacklevel=2,
-            )
+        warn_other_model(meta, self.card.name, path)
         return [SupportBank(tensors[k].to(self.device)) for k in keys]
 
     @torch.inference_mode()

@@ -22,7 +22,6 @@ Prompt files: sine_prompts.py.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Hashable
 from typing import Any
 
@@ -38,6 +37,7 @@ from ..heads.mformer import (
     unbatch,
 )
 from ..imageio import content_hash, load_image, load_mask
+from ..prompt_files import warn_other_model
 from ..prompts import Prompt, SupportSet, VisualPrompt
 from ..registry import register_model
 from ..result import SegmentationResult
@@ -175,12 +175,7 @@ class SINE(SINEVideo, PromptSegModel):
     def load_prompt_embedding(self, path: str | os.PathLike[str]) -> list[SINEPrompt]:
         """Read SINEPrompts saved by save_prompt_embedding / SINEPrompt.save, on this device."""
         prompts, meta = load_prompts(path)
-        if meta.get("model", self.card.name) != self.card.name:
-            warnings.warn(
-                f"{path} was encoded by {meta['model']}, not {self.card.name}: its tokens only "
-                "fit the weights that made them; encode the references again with this model",
-                stacklevel=2,
-            )
+        warn_other_model(meta, self.card.name, path)
         return [self._to_model(p) for p in prompts]
 
     def _encode_references(

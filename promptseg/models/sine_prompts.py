@@ -16,6 +16,7 @@ import safetensors.torch
 import torch
 
 from ..heads.mformer import PooledTokens
+from ..prompt_files import read_prompt_file
 from ..prompts import MAX_ID
 
 __all__ = ["SINEPrompt", "save_prompts", "load_prompts", "PROMPT_FORMAT", "PROTOCOLS"]
@@ -75,22 +76,9 @@ def load_prompts(path: str | os.PathLike[str]) -> tuple[list[SINEPrompt], dict[s
     damaged or hand-made file fails at load with its name instead of later inside the model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no SINE prompt file at {path}")
-    try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for foreign files
-        raise ValueError(
-            f"{path} is not a safetensors file ({exc}); save prompts with "
-            "SINEPrompt.save or model.save_prompt_embedding"
-        ) from exc
-    if meta.get("format") != PROMPT_FORMAT:
-        raise ValueError(
-            f"{path} is not a SINE prompt file (metadata format {meta.get('format')!r}, expected "
-            f"{PROMPT_FORMAT!r}); write one with SINEPrompt.save or model.save_prompt_embedding"
-        )
+    tensors, meta = read_prompt_file(
+        path, "SINE", PROMPT_FORMAT, "write one with SINEPrompt.save or model.save_prompt_embedding"
+    )
     n_prompts = _count(path, meta)
     grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = {i: {} for i in range(n_prompts)}
     for key, value in tensors.items():
