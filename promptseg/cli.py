@@ -182,6 +182,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from .weights import (
         blame_file,
+        checkpoint_architecture,
         checkpoint_hint,
         convert_checkpoint,
         load_native_state_dict,
@@ -202,10 +203,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
     with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
         state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
+    architecture = checkpoint_architecture(card, args.file)
     model = build_model(card_for_checkpoint(card, args.file))
     load_native_state_dict(model, state, str(args.file))  # verify before caching
     out = args.output or native_checkpoint_path(card, args.cache_dir)
-    save_state_dict_file(state, out)
+    save_state_dict_file(state, out, architecture=architecture)
     print(f"{args.file} -> {out} ({len(state)} tensors)")
     return 0
 

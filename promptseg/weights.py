@@ -545,7 +545,7 @@ def _pipeline_files(folder: Path) -> list[tuple[str, Path]]:
 
 def _load_pipeline(folder: Path) -> dict[str, torch.Tensor]:
     """`unet.*`, `vae.*` from a pipeline's component folders, and `empty_prompt_embedding` from
-    `empty_prompt_embedding.safetensors` (key `embedding`) beside them."""
+    `empty_prompt_embedding.safetensors` (key `embedding`; `padded` is for training) beside them."""
     state: dict[str, torch.Tensor] = {}
     for name in PIPELINE_COMPONENTS:
         component = _component_folder(folder, name)
@@ -553,10 +553,10 @@ def _load_pipeline(folder: Path) -> dict[str, torch.Tensor]:
             state.update({f"{name}.{k}": v for k, v in load_state_dict_file(component).items()})
     if (folder / EMBEDDING_FILE).is_file():
         embedding = load_state_dict_file(folder / EMBEDDING_FILE)
-        if set(embedding) != {"embedding"}:
+        if "embedding" not in embedding or set(embedding) - {"embedding", "padded"}:
             raise CheckpointFormatError(
-                f"{folder / EMBEDDING_FILE} must hold one tensor named `embedding` [1, L, C], "
-                f"found {sorted(embedding)}"
+                f"{folder / EMBEDDING_FILE} must hold a tensor named `embedding` [1, L, C] (and "
+                f"optionally `padded`, the training context), found {sorted(embedding)}"
             )
         state["empty_prompt_embedding"] = embedding["embedding"]
     if not state:
@@ -615,21 +615,70 @@ def _load_sharded(index: Path, shards: Sequence[Path]) -> dict[str, torch.Tensor
     return merged
 
 
+ARCHITECTURE_KEY = "promptseg.architecture"
+"""safetensors metadata key: the config entries (JSON) a converted file's architecture needs."""
+
+
 def save_state_dict_file(
-    state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]
+    state_dict: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    architecture: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write a state dict as safetensors atomically, so a crash never leaves a half-written file."""
+    """Write a state dict as safetensors atomically, so a crash never leaves a half-written file.
+
+    `architecture` (config entries that differ from the zoo's, e.g. the UNet of a checkpoint of
+    another size) is stored in the file's metadata, so loading the file rebuilds that model.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous() for name, tensor in state_dict.items()}
+    metadata = {"format": "pt"}
+    if architecture:
+        metadata[ARCHITECTURE_KEY] = json.dumps(dict(architecture), sort_keys=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt"})
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def recorded_architecture(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The architecture entries a converted safetensors file records (None: it records none)."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return None
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(ARCHITECTURE_KEY)
+    except (OSError, safetensors.SafetensorError):
+        return None  # not readable as safetensors: loading it reports the problem
+    if text is None:
+        return None
+    try:
+        recorded = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointFormatError(
+            f"{path}: its {ARCHITECTURE_KEY} metadata is not JSON; convert the checkpoint again"
+        ) from exc
+    if not isinstance(recorded, dict):
+        raise CheckpointFormatError(f"{path}: its {ARCHITECTURE_KEY} metadata is not a JSON object")
+    return recorded
+
+
+def checkpoint_architecture(card: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Config entries a checkpoint states that differ from the card's: recorded in a converted
+    file's metadata, or read by the family converter's `config_from` (diffusers config.json)."""
+    path = Path(path)
+    found = dict(recorded_architecture(path) or {})
+    reader = getattr(lookup("converter", card.converter), "config_from", None)
+    if reader is not None:
+        stated = reader(path, card.config)
+        found.update({k: v for k, v in stated.items() if card.config.get(k) != v})
+    return found
 
 
 # --------------------------------------------------------------------------- models
@@ -702,7 +751,11 @@ def fetch_native(
         except WeightsNotFoundError as exc:
             failures.append(str(exc) + _component_note(route, card, cache_dir))
             continue
-        save_state_dict_file(state, native_checkpoint_path(card, cache_dir))
+        save_state_dict_file(
+            state,
+            native_checkpoint_path(card, cache_dir),
+            architecture=checkpoint_architecture(card, path),
+        )
         return state
     tried = "\n\n".join(f"Option {i + 1}: {f}" for i, f in enumerate(failures))
     raise WeightsNotFoundError(

@@ -26,7 +26,12 @@ from .errors import UnknownModelError
 from .overrides import merge, merge_checked
 from .registry import lookup
 from .transforms import DATA_CONFIG_KEYS
-from .weights import WeightSource, load_native_state_dict, pretrained_state
+from .weights import (
+    WeightSource,
+    checkpoint_architecture,
+    load_native_state_dict,
+    pretrained_state,
+)
 
 __all__ = [
     "ModelCard",
@@ -267,12 +272,14 @@ def model_info(name: str, **overrides: Any) -> ModelCard:
 
 
 def card_for_checkpoint(card: ModelCard, path: str | os.PathLike) -> ModelCard:
-    """The card with the architecture a checkpoint states, where its family's converter reads
-    one (`config_from`, e.g. diffusers config.json files in a pipeline folder)."""
-    reader = getattr(lookup("converter", card.converter), "config_from", None)
-    if reader is None:
+    """The card with the architecture a checkpoint states (recorded in a converted file, or read
+    by the family's converter, e.g. from the diffusers config.json files of a pipeline folder)."""
+    if card.converter is None:
         return card
-    return dataclasses.replace(card, config=reader(Path(path), card.config))
+    architecture = checkpoint_architecture(card, path)
+    if not architecture:
+        return card
+    return dataclasses.replace(card, config={**card.config, **architecture})
 
 
 def build_model(card: ModelCard) -> torch.nn.Module:
@@ -353,11 +360,10 @@ def create_model(
             f"cache_dir must be a path (str or os.PathLike), got {type(cache_dir).__name__} "
             f"{cache_dir!r}"
         )
-    if checkpoint_path is not None:
-        card = card_for_checkpoint(card, checkpoint_path)
     weights = None
     if checkpoint_path is not None or pretrained:  # found (or a clear miss) before building
         weights = pretrained_state(card, checkpoint_path=checkpoint_path, cache_dir=cache_dir)
+        card = card_for_checkpoint(card, weights[1])  # the architecture the weights state
     model = build_model(card)
     if weights is not None:
         state, origin, digest = weights

@@ -90,6 +90,30 @@ def test_a_bank_serves_many_queries_and_matches_segment(model, episode):
     assert pred._prompt_embeddings[0].layers is not None  # kept after the first query
 
 
+def test_several_queries_run_in_one_unet_call_against_one_bank(model, episode, monkeypatch):
+    """segment_many: every query in one batched UNet call; same maps as one query at a time."""
+    img, ref, mask = episode
+    prompt = promptseg.VisualPrompt(ref, mask)
+    images = [img, img[:, ::-1].copy(), img[::-1].copy()]
+    single = [model.segment(im, prompt, return_logits=True) for im in images]
+    batches = []
+    original = model.unet_pass
+
+    def counting(x, n_query, text_context=None):
+        batches.append((x.shape[0], n_query))
+        return original(x, n_query, text_context)
+
+    monkeypatch.setattr(model, "unet_pass", counting)
+    many = model.segment_many(images, prompt, return_logits=True)
+    assert batches == [(3 + 1, 3)]  # 3 queries + the support, one fused call
+    for a, b in zip(many, single, strict=True):
+        torch.testing.assert_close(a.logits, b.logits, atol=1.01 / 255, rtol=0)
+        assert (a.logits != b.logits).float().mean() < 0.01
+        assert a.masks.shape == b.masks.shape and a.meta["timings"]["decode"] > 0
+    with pytest.raises(TypeError, match="non-empty list of images"):
+        model.segment_many(img, prompt)
+
+
 def test_relative_threshold_output_sizes_and_dtypes(model, episode):
     img, ref, mask = episode
     prompt = promptseg.VisualPrompt(ref, mask)
@@ -209,6 +233,34 @@ def test_the_architecture_comes_from_the_folder(tmp_path):
     assert torch.equal(loaded.conv_in_ref.weight, wider.conv_in_ref.weight)
 
 
+def test_a_converted_file_records_the_folder_architecture(tmp_path):
+    """`promptseg convert` of a folder of another size writes that architecture into the file's
+    metadata: the converted file and the cache both rebuild the wider UNet."""
+    from promptseg.cli import main
+    from promptseg.weights import recorded_architecture
+
+    torch.manual_seed(1)
+    wider = promptseg.create_model(
+        "diffews_test_tiny",
+        pretrained=False,
+        config={"backbone": {"unet": {"block_out_channels": [16, 16]}}},
+    )
+    write_pipeline(wider, tmp_path / "folder")
+    out = tmp_path / "converted.safetensors"
+    cache = tmp_path / "cache"
+    for target in (["--output", str(out)], []):
+        cmd = ["convert", "diffews_test_tiny", str(tmp_path / "folder"), "--cache-dir", str(cache)]
+        assert main(cmd + target) == 0
+    assert recorded_architecture(out)["backbone"]["unet"]["block_out_channels"] == [16, 16]
+    for loaded in (
+        promptseg.create_model("diffews_test_tiny", checkpoint_path=out),
+        promptseg.create_model("diffews_test_tiny", cache_dir=cache),
+    ):
+        assert list(loaded.backbone.unet.config.block_out_channels) == [16, 16]
+        for key, value in wider.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_a_fold_folder_takes_the_vae_from_the_base_pipeline(model, tmp_path):
     fold = tmp_path / "coco20i_fold0"
     write_pipeline(model, fold, with_vae=False)  # unet/ only, as released per fold
@@ -238,6 +290,9 @@ def test_empty_prompt_embedding_is_computed_once_from_the_text_encoder(tmp_path)
         padded = text(input_ids=torch.tensor([[49406, 49407] + [0] * 75])).last_hidden_state
     assert embedding.shape == (1, 2, 8)  # not padded: BOS, EOS
     torch.testing.assert_close(embedding, padded[:, :2], atol=1e-5, rtol=0)  # causal: same rows
+    training = safetensors.torch.load_file(path)["padded"]  # the official training context
+    assert training.shape == (1, config.max_position_embeddings, 8)
+    torch.testing.assert_close(training, padded[:, : training.shape[1]], atol=1e-5, rtol=0)
 
 
 def test_released_weights_say_where_to_put_them(tmp_path):

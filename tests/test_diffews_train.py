@@ -72,3 +72,35 @@ def test_episodes_are_reproducible_and_need_two_images_of_a_class(tmp_path):
         EpisodeSampler(single, 2, np.random.default_rng(0))
     with pytest.raises(ValueError, match="shots"):
         DiffewSTrainConfig(shots=0).check()
+
+
+def test_the_official_77_token_context_is_used_when_given(tmp_path):
+    """`text_context` (key `padded` of empty_prompt_embedding.safetensors) conditions training
+    like the official code; without it training warns that it uses the 2-token context."""
+    import safetensors.torch
+
+    with pytest.warns(UserWarning, match="2-token"):
+        plain = train_diffews(tiny(tmp_path, steps=1, out=str(tmp_path / "a")), progress=False)
+    width = 8  # cross_attention_dim of diffews_test_tiny
+    torch.manual_seed(0)
+    path = tmp_path / "empty_prompt_embedding.safetensors"
+    padded = torch.randn(1, 77, width)
+    safetensors.torch.save_file({"embedding": padded[:, :2].clone(), "padded": padded}, path)
+    seen = []
+    original = trainer.episode_loss
+
+    def spy(model, episode, generator=None, text_context=None):
+        seen.append(text_context)
+        return original(model, episode, generator, text_context)
+
+    config = tiny(tmp_path, steps=1, out=str(tmp_path / "b"), text_context=str(path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "episode_loss", spy)
+        padded_run = train_diffews(config, progress=False)
+    assert seen and all(torch.equal(c, padded) for c in seen)
+    assert padded_run[0] != pytest.approx(plain[0], rel=1e-6)  # 75 more keys: another loss
+    safetensors.torch.save_file({"embedding": padded[:, :2].clone()}, path)
+    with pytest.raises(ValueError, match="no `padded`"):
+        train_diffews(config, progress=False)
+    with pytest.raises(ValueError, match="text_context"):
+        DiffewSTrainConfig(text_context=str(tmp_path / "missing.safetensors")).check()

@@ -58,13 +58,19 @@ def eval_perseg(
     progress = Progress(directory, resume=resume, key=f"perseg|{digest}")
     if progress.state is not None:
         evaluator.load_state_dict(progress.state)
-    prompts: dict[str, VisualPrompt] = {}
+    prompts: dict[str, tuple[VisualPrompt, Any]] = {}  # object -> (prompt, its embedding)
+    level = model.check_level(None)
     for item in progress.iterate(items, len(items), evaluator.state_dict, desc="perseg"):
-        if item.object not in prompts:
+        if item.object not in prompts:  # encoded once, reused for every image of the object
             ref = data.reference(item.object)
-            prompts[item.object] = VisualPrompt(str(ref.image_path), data.mask(ref))
+            prompt = VisualPrompt(str(ref.image_path), data.mask(ref))
+            with torch.inference_mode():
+                prompts[item.object] = (prompt, model.encode_prompt([prompt], level))
         gt = data.mask(item)
-        result = model.segment(str(item.image_path), prompts[item.object], output_size="original")
+        prompt, embedding = prompts[item.object]
+        result = model.segment(
+            str(item.image_path), prompt, prompt_embeddings=embedding, output_size="original"
+        )
         pred = result.masks.any(dim=0) if len(result) else torch.zeros(gt.shape, dtype=torch.bool)
         pred = pred.cpu().numpy()
         evaluator.update(item.object, pred, gt)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 
 from ..errors import CheckpointFormatError
 from ..registry import register_converter
@@ -131,8 +132,10 @@ def detect_layout(state_dict: StateDict) -> str:
 
 def write_empty_prompt_embedding(folder: str | Path) -> Path:
     """Compute the constant text conditioning once, from a pipeline folder's `text_encoder/` (and
-    `tokenizer/`): the empty prompt not padded (BOS, EOS) through the CLIP text model, final
-    layer norm included -> `empty_prompt_embedding.safetensors` (key `embedding`) in `folder`.
+    `tokenizer/`) -> `empty_prompt_embedding.safetensors` in `folder` with two keys:
+    `embedding`, the empty prompt not padded (BOS, EOS) as inference uses it [1, 2, C], and
+    `padded`, the empty prompt padded to the tokenizer's length as the official training used it
+    [1, 77, C] (for `promptseg train diffews`, key `text_context`). Final layer norm included.
 
     Needs the `transformers` package (inference never loads a text encoder afterwards).
     """
@@ -147,15 +150,20 @@ def write_empty_prompt_embedding(folder: str | Path) -> Path:
     if not (folder / "text_encoder").is_dir():
         raise FileNotFoundError(f"{folder} has no text_encoder/ folder to embed the empty prompt")
     model = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    length = model.config.max_position_embeddings
     if (folder / "tokenizer").is_dir():
-        ids = CLIPTokenizer.from_pretrained(folder / "tokenizer")("", padding="do_not_pad")
-        ids = torch.tensor([ids["input_ids"]])
-    else:  # the CLIP tokenizer's "" without padding is BOS, EOS
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        ids = torch.tensor([tokenizer("", padding="do_not_pad")["input_ids"]])
+        padded = tokenizer("", padding="max_length", max_length=length)["input_ids"]
+        padded = torch.tensor([padded])
+    else:  # "" is BOS, EOS; SD 2's tokenizer pads with id 0 (its `temp_input_ids.pt` too)
         ids = torch.tensor([[model.config.bos_token_id, model.config.eos_token_id]])
+        padded = F.pad(ids, (0, length - 2), value=0)
     with torch.no_grad():
         embedding = model(input_ids=ids).last_hidden_state.float().contiguous()  # [1, 2, C]
+        padded_embedding = model(input_ids=padded).last_hidden_state.float().contiguous()
     path = folder / "empty_prompt_embedding.safetensors"
-    safetensors.torch.save_file({"embedding": embedding}, str(path))
+    safetensors.torch.save_file({"embedding": embedding, "padded": padded_embedding}, str(path))
     return path
 
 

@@ -361,9 +361,26 @@ class PromptSegModel(nn.Module, ABC):
             return self.input_size(embedding.image_size, self.input_names(level)[0])
         return output_size
 
+    def decode_many(
+        self, features: list[dict[str, Any]], prompt_embeddings: Any, level: str
+    ) -> list[Any]:
+        """`decode` of several images against the same prompt embeddings; families that can
+        batch the images into one call (DiffewS) override it."""
+        return [self.decode(f, prompt_embeddings, level) for f in features]
+
     def run(
         self,
         embedding: ImageEmbedding,
+        prompts: list[Prompt],
+        prompt_embeddings: Any = None,
+        **options: Any,
+    ) -> SegmentationResult:
+        """Decode prompts against an image embedding and postprocess to a result (see run_many)."""
+        return self.run_many([embedding], prompts, prompt_embeddings, **options)[0]
+
+    def run_many(
+        self,
+        embeddings: Sequence[ImageEmbedding],
         prompts: list[Prompt],
         prompt_embeddings: Any = None,
         *,
@@ -371,42 +388,66 @@ class PromptSegModel(nn.Module, ABC):
         threshold: float | None = None,
         output_size: Any = "original",
         return_logits: bool = False,
-    ) -> SegmentationResult:
-        """Decode prompts against an image embedding and postprocess to a result.
+    ) -> list[SegmentationResult]:
+        """Decode prompts (encoded once) against image embeddings and postprocess each.
 
-        Inputs the level needs that `embedding` lacks (a Predictor image set before the level was
-        chosen) are encoded here first.
+        Inputs the level needs that an embedding lacks (a Predictor image set before the level
+        was chosen) are encoded here first. `meta["timings"]["decode"]` is the time of the
+        images' decode call divided by their number.
         """
         level = self.check_level(level)
         threshold = self.card.default_threshold if threshold is None else threshold
         threshold = self.default_threshold if threshold is None else threshold
         threshold = None if threshold is None else check_threshold(threshold)
-        size = self.output_size(output_size, embedding, level)
-        timings = {"encode_image": embedding.seconds}
+        n = len(embeddings)
+        timings = {}
         with torch.inference_mode():
             start = time.perf_counter()
-            for name in self.input_names(level):
-                if name not in embedding.features:
-                    embedding.features[name] = self.encoded(embedding.image, embedding.key, name)
-            timings["encode_image"] += time.perf_counter() - start
+            for embedding in embeddings:
+                for name in self.input_names(level):
+                    if name not in embedding.features:
+                        embedding.features[name] = self.encoded(
+                            embedding.image, embedding.key, name
+                        )
+            extra_encode = (time.perf_counter() - start) / max(n, 1)
             start = time.perf_counter()
             if prompt_embeddings is None:
                 prompt_embeddings = self.encode_prompt(prompts, level)
             timings["encode_prompt"] = time.perf_counter() - start
             start = time.perf_counter()
-            raw = self.decode(embedding.features, prompt_embeddings, level)
-            timings["decode"] = time.perf_counter() - start
-            start = time.perf_counter()
-            result = self.postprocess(
-                raw,
-                embedding,
-                prompts,
-                level=level,
-                threshold=threshold,
-                size=size,
-                return_logits=bool(return_logits),
-            )
-            timings["postprocess"] = time.perf_counter() - start
+            raws = self.decode_many([e.features for e in embeddings], prompt_embeddings, level)
+            timings["decode"] = (time.perf_counter() - start) / max(n, 1)
+            results = []
+            for embedding, raw in zip(embeddings, raws, strict=True):
+                size = self.output_size(output_size, embedding, level)
+                start = time.perf_counter()
+                result = self.postprocess(
+                    raw,
+                    embedding,
+                    prompts,
+                    level=level,
+                    threshold=threshold,
+                    size=size,
+                    return_logits=bool(return_logits),
+                )
+                own = {
+                    **timings,
+                    "encode_image": embedding.seconds + extra_encode,
+                    "postprocess": time.perf_counter() - start,
+                }
+                results.append(self._finish(result, embedding, level, threshold, size, own))
+        return results
+
+    def _finish(
+        self,
+        result: SegmentationResult,
+        embedding: ImageEmbedding,
+        level: str,
+        threshold: float | None,
+        size: tuple[int, int],
+        timings: dict[str, float],
+    ) -> SegmentationResult:
+        """Fill a result's meta (model, level, sizes, weights, timings) and its image."""
         first_input = self.input_names(level)[0]
         result.meta = {
             "model": self.card.name,
@@ -441,6 +482,37 @@ class PromptSegModel(nn.Module, ABC):
         family takes `prompt_embeddings=` (what `encode_prompt(prompts, level)` returned) with
         the prompts they encode, so a prompt encoded once serves many images.
         """
+        return self.segment_many(
+            [image],
+            prompt,
+            level=level,
+            threshold=threshold,
+            output_size=output_size,
+            return_logits=return_logits,
+            prompt_embeddings=prompt_embeddings,
+        )[0]
+
+    def segment_many(
+        self,
+        images: Sequence[ImageInput],
+        prompt: Any,
+        *,
+        level: str | None = None,
+        threshold: float | None = None,
+        output_size: OutputSize = "original",
+        return_logits: bool = False,
+        prompt_embeddings: Any = None,
+    ) -> list[SegmentationResult]:
+        """`segment` of several images with one prompt, encoded once: one result per image.
+
+        Families that batch queries decode the images together (DiffewS: one UNet call for all
+        of them against the support bank); the others decode them one after another.
+        """
+        if isinstance(images, str | os.PathLike) or not isinstance(images, Sequence) or not images:
+            raise TypeError(
+                "images must be a non-empty list of images (paths, PIL images, HxWx3 arrays); "
+                f"got {type(images).__name__}. For one image use segment(image, prompt)"
+            )
         level = self.check_level(level)
         if threshold is not None:
             check_threshold(threshold)
@@ -453,8 +525,8 @@ class PromptSegModel(nn.Module, ABC):
         if prompt_embeddings is None and (stored := self.as_prompt_embedding(prompt)) is not None:
             prompt, prompt_embeddings = None, stored
         prompts = [] if prompt is None else self.prepare_prompts(prompt)
-        return self.run(
-            self.embed_image(image, level),
+        return self.run_many(
+            [self.embed_image(image, level) for image in images],
             prompts,
             prompt_embeddings,
             level=level,

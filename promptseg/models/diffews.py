@@ -142,13 +142,15 @@ class DiffewS(PromptSegModel):
         """The query latent z_q [1, 4, h, w] (cached per image)."""
         return self.latents(pixels)
 
-    def unet_pass(self, x: Tensor, n_query: int) -> Tensor:
-        """One UNet call at t = 1 with the empty prompt; input convs dispatched per row."""
+    def unet_pass(self, x: Tensor, n_query: int, text_context: Tensor | None = None) -> Tensor:
+        """One UNet call at t = 1 with the empty prompt (`empty_prompt_embedding`, or another
+        [1, L, C] `text_context`, e.g. the 77-token one of training); input convs per row."""
         unet = self.backbone.unet
         conv_in = unet.conv_in
         unet.conv_in = _InputConvs(conv_in, self.conv_in_ref, n_query)
+        context = self.empty_prompt_embedding if text_context is None else text_context
         try:
-            text = self.empty_prompt_embedding.expand(x.shape[0], -1, -1).to(self.dtype)
+            text = context.expand(x.shape[0], -1, -1).to(self.dtype)
             out = self.backbone.forward_features(
                 x.to(self.dtype), timestep=TIMESTEP, encoder_hidden_states=text
             )
@@ -286,13 +288,19 @@ class DiffewS(PromptSegModel):
         self, features: dict[str, Tensor], prompt_embeddings: list[SupportBank], level: str
     ) -> Tensor:
         """The quantised map P [P, 3, S, S] of the query against every support set."""
-        z_q = features["default"]
+        return self.decode_many([features], prompt_embeddings, level)[0]
+
+    def decode_many(
+        self, features: list[dict[str, Tensor]], prompt_embeddings: list[SupportBank], level: str
+    ) -> list[Tensor]:
+        """Maps [P, 3, S, S] of each query: all queries in one UNet call per support set."""
+        z_q = torch.cat([f["default"] for f in features])  # [B, 4, h, w]
         maps = []
         for bank in prompt_embeddings:
             v = self.query_pass(z_q, bank)
             decoded = self.vae.decode(-v.float() / self.scaling).sample  # mask latent = -v
-            maps.append(quantized_map(decoded))
-        return torch.cat(maps)
+            maps.append(quantized_map(decoded))  # [B, 3, S, S]
+        return list(torch.stack(maps, dim=1).unbind(0))  # B x [P, 3, S, S]
 
     def postprocess(
         self,

@@ -10,14 +10,18 @@ enters the loss times 0. AdamW (lr 1e-5, weight decay 1e-2 on every parameter), 
 `lr_end`, gradient clipping, `batch_size` episodes accumulated per step. The VAE is frozen.
 `resume: true` continues from `out/train_state.pt` (optimiser, schedule, step, RNGs).
 
-Not reproduced: the 77-token padded empty prompt of the official training (the model holds the
-2-token embedding of evaluation), fp16 autocast, and the official episode lists of the
+Text context: the official training conditioned on the empty prompt padded to 77 tokens, while
+evaluation uses the 2 unpadded tokens the model holds. `text_context: FILE` (the
+`empty_prompt_embedding.safetensors` that `promptseg.convert.diffews.write_empty_prompt_embedding`
+writes, key `padded`) trains as the official code did; without it training uses the 2-token
+context and says so. Not reproduced: fp16 autocast and the official episode lists of the
 in-context setting.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -57,12 +61,45 @@ class DiffewSTrainConfig(TrainConfig):
     steps: int = 20000
     resume: bool = False
     out: str = "runs/train_diffews"
+    text_context: str | None = None  # empty_prompt_embedding.safetensors with key `padded`
 
     def problems(self) -> list[str]:
         problems = super().problems()
         if self.shots < 1:
             problems.append(f"shots ({self.shots}) must be >= 1")
+        if self.text_context is not None and not Path(self.text_context).is_file():
+            problems.append(
+                f"text_context ({self.text_context}) is not a file; give the "
+                "empty_prompt_embedding.safetensors written by write_empty_prompt_embedding"
+            )
         return problems
+
+
+def training_text_context(config: DiffewSTrainConfig, model: Any) -> torch.Tensor | None:
+    """The official 77-token training context [1, 77, C] from `config.text_context`, or None
+    (train with the model's 2-token evaluation context, with a warning saying so)."""
+    if config.text_context is None:
+        warnings.warn(
+            "training with the 2-token empty-prompt context of evaluation; the official training "
+            "used it padded to 77 tokens: set text_context to an empty_prompt_embedding."
+            "safetensors holding `padded` (write_empty_prompt_embedding writes one)",
+            stacklevel=2,
+        )
+        return None
+    from ..weights import load_state_dict_file
+
+    tensors = load_state_dict_file(config.text_context)
+    width = model.empty_prompt_embedding.shape[-1]
+    context = tensors.get("padded")
+    if context is None or context.ndim != 3 or context.shape[0] != 1 or context.shape[2] != width:
+        got = (
+            "no `padded` tensor" if context is None else f"`padded` of shape {list(context.shape)}"
+        )
+        raise ValueError(
+            f"text_context {config.text_context} has {got}; expected `padded` [1, L, {width}] "
+            "as written by promptseg.convert.diffews.write_empty_prompt_embedding"
+        )
+    return context.float()
 
 
 class EpisodeSampler:
@@ -98,7 +135,10 @@ class EpisodeSampler:
 
 
 def episode_loss(
-    model: Any, episode: tuple, generator: torch.Generator | None = None
+    model: Any,
+    episode: tuple,
+    generator: torch.Generator | None = None,
+    text_context: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The official loss of one episode (one fused UNet call of batch 1 + K)."""
     q_image, q_mask, s_images, s_masks = episode
@@ -110,7 +150,7 @@ def episode_loss(
         target = -model.latents(model.mask_pixels(q_mask, tuple(pixels.shape[-2:])), **sample)
     query = F.pad(z_q, (0, 0, 0, 0, 0, refs.shape[1] - z_q.shape[1]))
     with model.bank_mode("fused", n_query=1):
-        out = model.unet_pass(torch.cat([query, refs]), n_query=1)
+        out = model.unet_pass(torch.cat([query, refs]), n_query=1, text_context=text_context)
     return F.mse_loss(out[:1].float(), target.float()) + 0.0 * out[1:].sum()
 
 
@@ -122,6 +162,7 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     torch.manual_seed(config.seed)
     data = CocoInstances(config.annotations, config.images)
     model = trainable_model(config, "vae")
+    text_context = training_text_context(config, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
@@ -149,7 +190,7 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
         optimiser.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(config.batch_size):
-            loss = episode_loss(model, sampler(), generator)
+            loss = episode_loss(model, sampler(), generator, text_context)
             (loss / config.batch_size).backward()
             total += float(loss.detach()) / config.batch_size
         norm = optimiser_step(optimiser, schedule, config.grad_clip)
