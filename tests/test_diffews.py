@@ -308,23 +308,31 @@ def test_released_weights_say_where_to_put_them(tmp_path):
     assert card.name == "diffews_sd21.incontext" and card.default_threshold == 0.25
 
 
+def official_tiny() -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    """The stored official run (tests/data/diffews_official_tiny.safetensors, its metadata says
+    how it was made) and diffews_test_tiny with its UNet, reference conv, VAE and text."""
+    stored = safetensors.torch.load_file(
+        Path(__file__).parent / "data" / "diffews_official_tiny.safetensors"
+    )
+    model = promptseg.create_model("diffews_test_tiny", pretrained=False)
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in stored.items() if k.startswith(prefix)}
+
+    model.conv_in_ref.load_state_dict(part("unet.conv_in_ref."), strict=True)
+    unet = {k: v for k, v in part("unet.").items() if not k.startswith("conv_in_ref.")}
+    model.backbone.unet.load_state_dict(unet, strict=True)
+    model.vae.load_state_dict(part("vae."), strict=True)
+    with torch.no_grad():
+        model.empty_prompt_embedding.copy_(stored["text"])
+    return stored, model
+
+
 def test_the_official_code_gives_the_same_unet_output():
     """v of the official MyUNet2DConditionModel (diffews commit d12c396 on diffusers 0.25, its
     SDPA bank processor, the support call then the query call), stored on a tiny random UNet:
     ours, fused or in two passes, gives the same numbers on the same weights and inputs."""
-    from pathlib import Path
-
-    path = Path(__file__).parent / "data" / "diffews_official_tiny.safetensors"
-    stored = safetensors.torch.load_file(path)
-    model = promptseg.create_model("diffews_test_tiny", pretrained=False)
-    unet = {k[len("unet.") :]: v for k, v in stored.items() if k.startswith("unet.")}
-    ref = {
-        k[len("conv_in_ref.") :]: unet.pop(k) for k in list(unet) if k.startswith("conv_in_ref.")
-    }
-    model.backbone.unet.load_state_dict(unet, strict=True)
-    model.conv_in_ref.load_state_dict(ref, strict=True)
-    with torch.no_grad():
-        model.empty_prompt_embedding.copy_(stored["text"])
+    stored, model = official_tiny()
     with torch.inference_mode():
         fused = model.query_pass(stored["query"], SupportBank(stored["support"]))
         bank = model.support_pass(SupportBank(stored["support"]))
@@ -335,6 +343,29 @@ def test_the_official_code_gives_the_same_unet_output():
     torch.testing.assert_close(fused, official, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(two_pass, official, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(alone, stored["v_official_without_support"], atol=1e-4, rtol=1e-5)
+
+
+def test_the_official_decode_gives_the_same_map_and_mask():
+    """The official decode on the stored official v (its DDIM step with the 1.0/1.0 scheduler,
+    `decode_seg`, clip and uint8 PIL map, main_oss.py's to_tensor and relative threshold 0.25)
+    on a tiny random VAE: our decode path gives the same quantised map and the same mask."""
+    stored, model = official_tiny()
+    img = np.zeros((32, 32, 3), np.uint8)  # stands in for the query: its latent is set below
+    embedding = model.embed_image(img)
+    embedding.features["default"] = stored["query"]
+    bank = SupportBank(stored["support"])
+    result = model.run(embedding, [], [bank], output_size="input")
+    with torch.inference_mode():
+        raw = model.decode({"default": stored["query"]}, [SupportBank(stored["support"])], "x")
+    official_map, official_mask = stored["map_official"], stored["mask_official"].bool()
+    assert 0.2 < official_mask.float().mean() < 0.8  # a mask the comparison can see
+    # same uint8 levels, but for values on a level boundary after ~2e-5 differences in v
+    assert (raw - official_map).abs().max() <= 1.01 / 255
+    assert (raw != official_map).float().mean() < 0.01
+    assert torch.equal(result.masks, official_mask)
+    with torch.inference_mode():
+        alone = model.vae.decode(-stored["v_official_without_support"] / model.scaling).sample
+    assert torch.equal(quantized_map(alone), stored["map_official_without_support"])
 
 
 def test_cli_segment_and_prompt_files_with_random_weights(tmp_path, capsys, episode):
