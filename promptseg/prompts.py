@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from .imageio import ImageInput, MaskInput
+from .vocabularies import DEMO_PRESETS, read_preset
 
 __all__ = [
     "TextPrompt",
@@ -132,40 +134,173 @@ class SupportSet:
         return list(dict.fromkeys(s.class_id for s in self.shots))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Vocabulary:
-    """An open vocabulary: classes, each a list of synonyms (the first is the display name)."""
+    """An open vocabulary: classes, each a tuple of synonyms (the first is the display name).
+
+    Give `"cat,kitty;dog"` (`;` between classes, `,` between synonyms) or a list whose items are
+    a str (a one-synonym class) or a list of str synonyms. Synonyms are stripped and otherwise kept
+    verbatim; models score every synonym and take the best per class, so a repeated synonym is
+    harmless. Different classes may share synonyms and even a display name (ADE20K-847 has three
+    "bag" classes, with different synonyms); two classes with the same set of synonyms are an
+    error, as they would split one class's score, unless `allow_duplicates=True` (COCO, ADE20K
+    and LVIS overlap: the official demo's label set repeats 42 classes, see `with_presets`). `is_thing` flags countable objects
+    (one panoptic segment per instance) against stuff; default: all things. Frozen and hashable,
+    so models can cache text embeddings per vocabulary.
+    """
 
     classes: tuple[tuple[str, ...], ...]
     is_thing: tuple[bool, ...] = field(default=())
 
     def __init__(
-        self, classes: Sequence[str | Sequence[str]] | str, is_thing: Sequence[bool] | None = None
+        self,
+        classes: Sequence[str | Sequence[str]] | str,
+        is_thing: Iterable[bool] | None = None,
+        *,
+        allow_duplicates: bool = False,
     ) -> None:
-        if isinstance(classes, str):
-            classes = [c.split(",") for c in classes.split(";")]
-        parsed = tuple(
-            tuple(s.strip() for s in ([c] if isinstance(c, str) else c) if s.strip())
-            for c in classes
-        )
-        if not parsed or any(not c for c in parsed):
-            raise ValueError(
-                "Vocabulary needs at least one class and no empty class; "
-                "pass e.g. ['cat', ['dog', 'puppy']] or 'cat;dog,puppy'"
-            )
-        things = tuple(bool(t) for t in is_thing) if is_thing is not None else (True,) * len(parsed)
-        if len(things) != len(parsed):
-            raise ValueError(f"is_thing has {len(things)} flags for {len(parsed)} classes")
+        parsed = _parse_classes(classes)
+        things = _parse_thing_flags(is_thing, len(parsed))
+        if not allow_duplicates:
+            _check_distinct(parsed)
         object.__setattr__(self, "classes", parsed)
         object.__setattr__(self, "is_thing", things)
 
+    @classmethod
+    def preset(cls, name: str) -> Vocabulary:
+        """A built-in vocabulary (`promptseg.vocabularies.PRESETS`, e.g. "ade20k_150").
+
+        ODISE's prompt-engineered synonym lists with the dataset's thing flags (COCO and ADE20K-150
+        panoptic metadata; LVIS all things; the semantic-only datasets all stuff).
+        """
+        classes, things = read_preset(name)
+        return cls(classes, things)
+
+    @classmethod
+    def with_presets(
+        cls,
+        user: Vocabulary | Sequence[str | Sequence[str]] | str | None = None,
+        presets: Sequence[str] = DEMO_PRESETS,
+    ) -> Vocabulary:
+        """The user's classes plus built-in ones, ordered as ODISE's demo orders them.
+
+        Things first, then stuff, each in the order [user, *presets]: with the default presets
+        that is user classes, COCO things, ADE things, LVIS, COCO stuff, ADE stuff. User classes
+        given as text are things (as in the demo); a `Vocabulary` keeps its flags. Classes found
+        in several presets (e.g. "person") are kept every time, as the demo keeps them, so class
+        indices and scores match the official demo; `presets=()` gives the user's classes only.
+        """
+        if isinstance(presets, str):
+            presets = (presets,)
+        repeated = [name for name, n in Counter(presets).items() if n > 1]
+        if repeated:
+            raise ValueError(f"presets repeats {repeated}; name each preset once")
+        parts = [cls.preset(name) for name in presets]
+        if user is not None:
+            parts.insert(0, user if isinstance(user, Vocabulary) else Vocabulary(user))
+        if not parts:
+            raise ValueError("with_presets got no user classes and no presets; give at least one")
+        ordered = [
+            (synonyms, thing)
+            for want in (True, False)
+            for part in parts
+            for synonyms, thing in zip(part.classes, part.is_thing, strict=True)
+            if thing is want
+        ]
+        classes, things = zip(*ordered, strict=True)
+        return cls(classes, things, allow_duplicates=True)
+
     def __len__(self) -> int:
         return len(self.classes)
+
+    def __repr__(self) -> str:
+        names = ", ".join(repr(n) for n in self.names[:_REPR_NAMES])
+        more = ", ..." if len(self) > _REPR_NAMES else ""
+        return f"Vocabulary({len(self)} classes, {sum(self.is_thing)} things: {names}{more})"
 
     @property
     def names(self) -> list[str]:
         """Display name of each class."""
         return [c[0] for c in self.classes]
+
+
+_REPR_NAMES = 6
+VOCABULARY_FORMS = "e.g. 'cat,kitty;dog' or [['cat', 'kitty'], 'dog']"
+
+
+def _parse_classes(classes: Any) -> tuple[tuple[str, ...], ...]:
+    """Classes from the `;`/`,` text form or a list of str / lists of str, checked."""
+    if isinstance(classes, str):
+        classes = [c.split(",") for c in classes.split(";")]
+    elif isinstance(classes, bytes) or not isinstance(classes, Sequence):
+        raise TypeError(
+            f"Vocabulary classes must be a str or a list, got {type(classes).__name__}; "
+            f"{VOCABULARY_FORMS}"
+        )
+    if not classes:
+        raise ValueError(f"Vocabulary has no class; give at least one, {VOCABULARY_FORMS}")
+    return tuple(_parse_class(entry, k) for k, entry in enumerate(classes))
+
+
+def _parse_class(entry: Any, k: int) -> tuple[str, ...]:
+    synonyms = [entry] if isinstance(entry, str) else entry
+    if isinstance(synonyms, bytes) or not isinstance(synonyms, Sequence):
+        raise TypeError(
+            f"Vocabulary class {k} is a {type(entry).__name__}; give a str or a list of str "
+            f"synonyms, {VOCABULARY_FORMS}"
+        )
+    for j, s in enumerate(synonyms):
+        if not isinstance(s, str):
+            raise TypeError(
+                f"Vocabulary class {k}, synonym {j} is a {type(s).__name__} ({s!r}); "
+                "synonyms must be str"
+            )
+    stripped = tuple(s.strip() for s in synonyms)
+    if not any(stripped):
+        raise ValueError(
+            f"Vocabulary class {k} is empty; remove it (in text, drop the extra ';') or name it"
+        )
+    if not all(stripped):
+        raise ValueError(
+            f"Vocabulary class {k} ({next(s for s in stripped if s)!r}) has an empty synonym at "
+            f"position {stripped.index('')}; remove it (in text, drop the extra ',')"
+        )
+    return stripped
+
+
+def _parse_thing_flags(is_thing: Any, n: int) -> tuple[bool, ...]:
+    """One bool per class (numpy bools and 0/1 ints accepted); all things when None."""
+    if is_thing is None:
+        return (True,) * n
+    if isinstance(is_thing, (str, bytes)) or not isinstance(is_thing, Iterable):
+        raise TypeError(
+            f"is_thing must be a list of bools, one per class, got {type(is_thing).__name__}"
+        )
+    flags = tuple(is_thing)
+    if len(flags) != n:
+        raise ValueError(
+            f"is_thing has {len(flags)} flags for {n} classes; give one per class "
+            "(True = thing, False = stuff)"
+        )
+    for k, flag in enumerate(flags):
+        if not isinstance(flag, (bool, np.bool_)) and not (
+            isinstance(flag, numbers.Integral) and flag in (0, 1)
+        ):
+            raise TypeError(f"is_thing[{k}] is {flag!r}; expected True (thing) or False (stuff)")
+    return tuple(bool(flag) for flag in flags)
+
+
+def _check_distinct(classes: tuple[tuple[str, ...], ...]) -> None:
+    """Two classes with the same synonyms (in any order) would split one class's score."""
+    first: dict[frozenset[str], int] = {}
+    for k, synonyms in enumerate(classes):
+        j = first.setdefault(frozenset(synonyms), k)
+        if j != k:
+            raise ValueError(
+                f"Vocabulary classes {j} ({classes[j][0]!r}) and {k} ({synonyms[0]!r}) have the "
+                "same synonyms; remove one (or pass allow_duplicates=True to keep both, which "
+                "splits that class's score between them)"
+            )
 
 
 Prompt = TextPrompt | VisualPrompt | MixedPrompt | SupportSet | Vocabulary

@@ -1,8 +1,9 @@
 """Preprocessing from a tag's data config, and mapping outputs back to the original image size.
 
 A data config is a mapping from zoo.yaml: `input_size` [H, W], `resize` ("squash" = resize to
-exactly input_size ignoring aspect ratio; "shortest_edge" = detectron2 `ResizeShortestEdge(short,
-max_size)`, aspect kept, PIL bilinear on the uint8 image), `interpolation`, `antialias`,
+exactly input_size ignoring aspect ratio; "shortest_edge" = detectron2 `ResizeShortestEdge` to
+the keys `shortest_edge` and `max_size`, aspect kept, PIL bilinear on the uint8 image),
+`interpolation`, `antialias`,
 `channels` ("rgb" default, or "bgr": the channels are reversed before normalising), `mean`, `std`,
 and optional zero padding at the bottom/right: `canvas` (to a square of that side) or
 `size_divisibility` (to multiples of it). A model may have several named configs (one per input it
@@ -34,7 +35,7 @@ __all__ = [
 DATA_CONFIG_KEYS = (
     "input_size",
     "resize",
-    "short",
+    "shortest_edge",
     "max_size",
     "interpolation",
     "antialias",
@@ -58,7 +59,7 @@ def resized_size(image_size: tuple[int, int], data_config: Mapping[str, Any]) ->
     """(h', w') an image of `image_size` takes at the config's resolution, before any padding."""
     mode = data_config.get("resize", "squash")
     if mode == "shortest_edge":
-        short, max_size = int(data_config["short"]), int(data_config["max_size"])
+        short, max_size = int(data_config["shortest_edge"]), int(data_config["max_size"])
         return shortest_edge_size(*image_size, short, max_size)
     if mode == "squash" and "input_size" in data_config:
         return tuple(int(s) for s in data_config["input_size"])
@@ -125,7 +126,7 @@ def shortest_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, 
 def _resize_shortest_edge(image: torch.Tensor, data_config: Mapping[str, Any]) -> torch.Tensor:
     """uint8 [3, H, W] -> uint8 [3, h', w'] as detectron2 does it (PIL bilinear on uint8)."""
     h, w = image.shape[-2:]
-    size = shortest_edge_size(h, w, int(data_config["short"]), int(data_config["max_size"]))
+    size = shortest_edge_size(h, w, int(data_config["shortest_edge"]), int(data_config["max_size"]))
     if size == (h, w):
         return image
     pil = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
