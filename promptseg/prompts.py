@@ -144,9 +144,9 @@ class Vocabulary:
     harmless. Different classes may share synonyms and even a display name (ADE20K-847 has three
     "bag" classes, with different synonyms); two classes with the same set of synonyms are an
     error, as they would split one class's score, unless `allow_duplicates=True` (COCO, ADE20K
-    and LVIS overlap: the official demo's label set repeats 42 classes, see `with_presets`). `is_thing` flags countable objects
-    (one panoptic segment per instance) against stuff; default: all things. Frozen and hashable,
-    so models can cache text embeddings per vocabulary.
+    and LVIS overlap: the official demo's label set repeats 42 classes, see `with_presets`).
+    `is_thing` flags countable objects (one panoptic segment per instance) against stuff;
+    default: all things. Frozen and hashable, so models can cache text embeddings per vocabulary.
     """
 
     classes: tuple[tuple[str, ...], ...]

@@ -136,7 +136,9 @@ def model_prompts(draw: st.DrawFn) -> Any:
     if kind == "other":
         return draw(MEMBERS)
     if kind == "vocab":
-        return Vocabulary(draw(st.lists(st.sampled_from(["cat", "dog", "a b"]), min_size=1)))
+        return Vocabulary(
+            draw(st.lists(st.sampled_from(["cat", "dog", "a b"]), min_size=1, unique=True))
+        )
     text, weight = draw(TEXTS), draw(st.floats(-0.5, 1.5))
     shots = []
     for _ in range(draw(st.integers(1, 3) if kind == "shots" else st.just(1))):

@@ -13,15 +13,13 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
+from promptseg.heads.mask_inference import instance_topk, mask_prob_mean, semantic_map
 from promptseg.heads.mformer import (
     MFormerHead,
     gaussian_prior,
     group_attention_mask,
     id_position_embedding,
     id_scores,
-    instance_topk,
-    mask_prob_mean,
-    semantic_map,
     tokens_from_sums,
     unbatch,
 )

@@ -13,7 +13,8 @@ from PIL import Image
 import promptseg
 from promptseg import SupportSet, UnsupportedPromptError, VisualPrompt
 from promptseg.cache import LRUCache
-from promptseg.heads.mformer import PooledTokens, semantic_map
+from promptseg.heads.mask_inference import semantic_map
+from promptseg.heads.mformer import PooledTokens
 from promptseg.models.sine_prompts import SINEPrompt
 from promptseg.models.sine_video import merge_objects
 from promptseg.transforms import crop_resize, shortest_edge_size

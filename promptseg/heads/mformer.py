@@ -13,7 +13,7 @@ State-dict keys are the official ones minus `image_encoder.` / `transformer_deco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -32,6 +32,7 @@ from ..layers.mlp import MLP
 from ..layers.position import sine_position_embedding
 from ..registry import register_head
 from .base import Head
+from .mask_inference import mask_prob_mean
 
 __all__ = [
     "MFormerHead",
@@ -43,15 +44,11 @@ __all__ = [
     "binarize_masks",
     "masked_sums",
     "tokens_from_sums",
-    "mask_prob_mean",
-    "semantic_map",
-    "instance_topk",
     "id_scores",
     "unbatch",
 ]
 
 POOL_EPS = 1e-8  # mask pooling denominator
-SCORE_EPS = 1e-6  # mask-probability mean denominator
 MAX_LOGIT_SCALE = 100.0
 
 
@@ -121,61 +118,6 @@ def masked_sums(feats: Tensor, binary: Tensor) -> tuple[Tensor, Tensor]:
 def tokens_from_sums(sums: Tensor, counts: Tensor) -> Tensor:
     """Mask-pooled tokens sums [..., C] / (counts [...] + 1e-8) -> [..., C]."""
     return sums / (counts[..., None] + POOL_EPS)
-
-
-def mask_prob_mean(mask_logits: Tensor) -> Tensor:
-    """Mean sigmoid over pixels with logit > 0 (eps 1e-6): [K, H, W] -> [K]."""
-    fg = (mask_logits > 0).to(mask_logits.dtype).flatten(1)
-    return (mask_logits.sigmoid().flatten(1) * fg).sum(1) / (fg.sum(1) + SCORE_EPS)
-
-
-def semantic_map(
-    pred_logits: Tensor,
-    pred_masks: Tensor,
-    resize: Callable[[Tensor], Tensor] | None = None,
-    chunk: int = 32,
-) -> Tensor:
-    """Sum over queries of class prob x mask prob: logits [S, M+1], masks [S, H, W] -> [M, H', W'].
-
-    `resize` maps mask logits [k, H, W] to the output frame [k, H', W'] BEFORE the sigmoid, as the
-    official FSS evaluation does (upsample to the canvas, then sigmoid and sum; sine.md §4.1); it is
-    applied `chunk` queries at a time so 200 canvas-size maps never coexist. Not normalised: a pixel
-    covered by several confident queries can exceed 1 (FSS threshold 0.7). Computed in float32,
-    so half-precision and float64 models give the same map type.
-    """
-    probs = pred_logits.float().softmax(dim=-1)[:, :-1]  # [S, M], float32 whatever the model's
-    if resize is None:
-        return torch.einsum("sm,shw->mhw", probs, pred_masks.float().sigmoid())
-    total = None
-    for i in range(0, len(pred_masks), chunk):
-        masks = resize(pred_masks[i : i + chunk]).float()
-        part = torch.einsum("sm,shw->mhw", probs[i : i + chunk], masks.sigmoid())
-        total = part if total is None else total + part
-    return total
-
-
-def instance_topk(
-    pred_logits: Tensor,
-    pred_masks: Tensor,
-    k: int = 100,
-    resize: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top-k (query, class) pairs from logits [S, M+1] and masks [S, H, W], with scores.
-
-    Class prob = softmax over M+1 without the last column, ranked over all S*M pairs (returned in
-    descending class-prob order; the official `sorted=False` order is unspecified). `resize` maps
-    the selected mask logits [k, H, W] to the output frame before scoring (per-mask, so selecting
-    first is exact); score = class prob x mask_prob_mean.
-    """
-    n_cls = pred_logits.shape[-1] - 1
-    probs = pred_logits.softmax(dim=-1)[:, :-1].flatten()  # [S*M]
-    top, idx = probs.topk(min(k, probs.numel()))
-    query = torch.div(idx, n_cls, rounding_mode="floor")
-    classes = idx % n_cls
-    masks = pred_masks[query]
-    if resize is not None:
-        masks = resize(masks)
-    return top * mask_prob_mean(masks), classes, query, masks
 
 
 def id_scores(pred_id_logits: Tensor, pred_id_masks: Tensor) -> Tensor:

@@ -28,11 +28,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..heads.mask_inference import instance_topk, semantic_map
 from ..heads.mformer import (
     PooledTokens,
     id_scores,
-    instance_topk,
-    semantic_map,
     tokens_from_sums,
     unbatch,
 )
