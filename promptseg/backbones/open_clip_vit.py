@@ -22,7 +22,7 @@ from ..contracts import FeatureInfo
 from ..registry import register_backbone
 from .base import Backbone, vit_feature_info, vit_taps
 
-__all__ = ["OpenCLIPViT", "OpenCLIPText", "resize_position_embedding"]
+__all__ = ["clip_input_tokens", "OpenCLIPViT", "OpenCLIPText", "resize_position_embedding"]
 
 
 def resize_position_embedding(table: torch.Tensor, grid: int) -> torch.Tensor:
@@ -47,6 +47,20 @@ def _open_clip_model(arch: str, pretrained: str | None) -> tuple[nn.Module | Non
         )
     model = open_clip.create_model(arch, pretrained=pretrained) if pretrained else None
     return model, config
+
+
+def clip_input_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """An open_clip image tower's CLS + patch tokens [B, 1 + g*g, C] of square pixels, with the
+    position table resized to the input's grid, after ln_pre (the transformer's input)."""
+    h, w = pixels.shape[-2:]
+    if h != w:
+        raise ValueError(f"CLIP ViT input must be square, got {h}x{w}")
+    x = visual.conv1(pixels).flatten(2).transpose(1, 2)  # [B, g*g, C]
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1)
+    grid = h // visual.conv1.kernel_size[0]
+    x = x + resize_position_embedding(visual.positional_embedding, grid).to(x.dtype)
+    return visual.ln_pre(x)
 
 
 @register_backbone("open_clip_vit")
@@ -112,16 +126,7 @@ class OpenCLIPViT(Backbone):
         return vit_feature_info(self.output, self.taps, self.width, self.patch_size)
 
     def _tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Patch + CLS tokens plus the position table resized to the input's grid, after ln_pre."""
-        v = self.visual
-        h, w = pixels.shape[-2:]
-        if h != w:
-            raise ValueError(f"CLIP ViT input must be square, got {h}x{w}")
-        x = v.conv1(pixels).flatten(2).transpose(1, 2)  # [B, g*g, C]
-        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1)
-        x = x + resize_position_embedding(v.positional_embedding, h // self.patch_size).to(x.dtype)
-        return v.ln_pre(x)
+        return clip_input_tokens(self.visual, pixels)
 
     def forward_features(self, pixels: torch.Tensor, **conditioning: Any) -> dict[str, Any]:
         """vit_tokens: residual stream [B, 1 + g*g, C] after each tapped block, CLS first;

@@ -10,10 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from importlib import resources
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ..prompts import Vocabulary
+from typing import Protocol
 
 __all__ = ["PRESETS", "DEMO_PRESETS", "Classes", "read_preset", "seen_flags"]
 
@@ -58,8 +55,14 @@ def _read_preset(name: str) -> tuple[Classes, tuple[bool, ...]]:
     return tuple(classes), tuple(things)
 
 
+class HasClasses(Protocol):
+    """Anything with `classes` (a `promptseg.Vocabulary`): synonym tuples, one per class."""
+
+    classes: Classes
+
+
 def seen_flags(
-    vocabulary: Vocabulary, reference: str | Vocabulary = "coco_panoptic"
+    vocabulary: HasClasses, reference: str | HasClasses = "coco_panoptic"
 ) -> tuple[bool, ...]:
     """Per class, whether any of its synonyms is verbatim a synonym of `reference`.
 
