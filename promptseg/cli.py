@@ -7,8 +7,10 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import PromptsegError
+from .vocabularies import PRESETS
 
 DEFAULT_MODEL = "clipseg_vitb16_rd64.refined"
 
@@ -220,7 +222,27 @@ def _prompts_from_args(args: argparse.Namespace) -> list:
     prompts += [VisualPrompt(img, mask) for img, mask in args.ref or []]
     if args.shot:
         prompts.append(SupportSet([s for shot in args.shot for s in _shot_prompts(shot)]))
+    if args.vocab is not None or args.preset:
+        prompts.append(_vocabulary_from_args(args))
     return prompts
+
+
+def _vocabulary_from_args(args: argparse.Namespace) -> Any:
+    """--vocab and --preset -> one Vocabulary (user classes first, as the ODISE demo orders)."""
+    from .prompts import Vocabulary
+
+    user = None
+    if args.vocab is not None:
+        try:
+            user = Vocabulary(args.vocab)
+        except ValueError as exc:
+            raise ValueError(f"--vocab {args.vocab!r}: {exc}") from None
+    presets = tuple(args.preset or ())
+    if user is not None and not presets:
+        return user
+    if user is None and len(presets) == 1:
+        return Vocabulary.preset(presets[0])
+    return Vocabulary.with_presets(user, presets)
 
 
 def _shot_prompts(shot: list[str]) -> list:
@@ -253,8 +275,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     prompts = _prompts_from_args(args)
     if bool(prompts) == bool(args.prompt_file):
         raise ValueError(
-            "segment: give prompts (--text T, --ref IMAGE MASK, --shot IMAGE MASK [CLASS]) "
-            "or --prompt-file FILE from `promptseg encode-prompt`, not both and not neither"
+            "segment: give prompts (--text T, --ref IMAGE MASK, --shot IMAGE MASK [CLASS], "
+            "--vocab CLASSES, --preset NAME) or --prompt-file FILE from `promptseg "
+            "encode-prompt`, not both and not neither"
         )
     if args.prompt_file:
         _need_file(args.prompt_file, "--prompt-file")
@@ -279,7 +302,9 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
     _check_prompt_files(args)
     prompts = _prompts_from_args(args)
     if not prompts:
-        raise ValueError("encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable) or --ref")
+        raise ValueError(
+            "encode-prompt: give --shot IMAGE MASK [CLASS] (repeatable), --ref, --vocab or --preset"
+        )
     if Path(args.output).is_dir():
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
     model = _build_model(args)
@@ -426,6 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
             help="a reference of one k-shot prompt (repeatable: all --shot together form one "
             "prompt); CLASS is an integer class id (default 0); a label-map MASK gives one "
             "object per value",
+        )
+        p.add_argument(
+            "--vocab",
+            metavar="CLASSES",
+            help="open vocabulary: classes separated by ';', synonyms by ',' (e.g. "
+            "'black cat,cat;dog'), all of them things",
+        )
+        p.add_argument(
+            "--preset",
+            action="append",
+            choices=PRESETS,
+            help="a built-in vocabulary (repeatable; after --vocab: things first, then stuff)",
         )
 
     p = add("list", cmd_list, "List model names (arch.tag) with their capabilities.")

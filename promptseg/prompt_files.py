@@ -7,6 +7,7 @@ encoded by another model; the family then checks its own tensors.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import safetensors
 import torch
 
-__all__ = ["read_prompt_file", "warn_other_model"]
+__all__ = ["read_prompt_file", "tensors_sha256", "warn_other_model"]
 
 
 def read_prompt_file(
@@ -46,3 +47,13 @@ def warn_other_model(meta: dict[str, str], model: str, path: str | os.PathLike[s
             "weights that made them; encode the references again with this model",
             stacklevel=3,
         )
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (prompt-file integrity)."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()

@@ -444,8 +444,8 @@ class SegmentationResult:
         """Write masks, overlay and metadata to `directory` (created); return the paths written.
 
         Files: ``{prefix}_{i:03d}_{label}.png`` per mask (mode L, 0/255), ``overlay.png``,
-        ``panoptic.png`` if there is a panoptic result (panopticapi RGB encoding,
-        id = R + 256 G + 256^2 B), and ``result.json``.
+        ``panoptic.png`` and ``segments.json`` if there is a panoptic result (panopticapi RGB
+        encoding, id = R + 256 G + 256^2 B, and its segments_info), and ``result.json``.
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -483,6 +483,9 @@ class SegmentationResult:
                 "file": path.name,
                 "segments_info": to_jsonable(self.panoptic["segments_info"], finite_only=True),
             }
+            path = directory / "segments.json"  # panopticapi's annotation record of the PNG
+            path.write_text(json.dumps(record["panoptic"], indent=2))
+            written.append(path)
 
         path = directory / "result.json"
         path.write_text(json.dumps(record, indent=2))

@@ -46,6 +46,9 @@ __all__ = [
 
 ZOO_FILE = Path(__file__).with_name("zoo.yaml")
 PARTS = ("backbone", "head")  # config sections naming a registered component
+WHOLE_CONFIG_KEYS = ("unet", "vae", "clip")
+"""Config keys holding another library's model config (diffusers, open_clip): an override
+replaces them whole and that library validates it when the model is built."""
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,12 @@ def apply_overrides(
     if config:
         config = dict(config)
         parts = {p: config.pop(p) for p in PARTS if p in config}
+        whole = {k: config.pop(k) for k in WHOLE_CONFIG_KEYS if k in config and k in new_config}
         new_config = merge_checked(new_config, config, f"{card.name} config")
+        for key, value in whole.items():
+            if not isinstance(value, Mapping):
+                raise TypeError(f"config[{key!r}] must be a dict (a whole model config)")
+            new_config[key] = dict(value)
         backbone = merge(parts.get("backbone", {}), backbone or {}) or None
         head = merge(parts.get("head", {}), head or {}) or None
     for part, override in (("backbone", backbone), ("head", head)):

@@ -183,3 +183,29 @@ def test_sine_k_shot_levels_and_saved_prototypes(
     clipseg = ["--model", "clipseg_test_tiny", "--checkpoint", str(tiny_checkpoint)]
     assert main(["encode-prompt", *clipseg, "--text", "a", "-o", str(protos)]) == 2
     assert "cannot save or load prompt embeddings" in capsys.readouterr().err
+
+
+def test_segment_with_a_vocabulary_and_presets(tmp_path, capsys):
+    """--vocab and --preset build one Vocabulary (user classes first); a panoptic result writes
+    panoptic.png and segments.json beside the overlay."""
+    import json
+
+    from PIL import Image
+
+    from promptseg.testing.colors import class_color
+
+    img = np.zeros((32, 48, 3), np.uint8)
+    img[4:20, 6:30] = class_color("cat")
+    Image.fromarray(img).save(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "scene.png"), "--model", "test_colorkey"]
+    assert main([*args, "--vocab", "cat,kitty;dog", "--level", "panoptic", "-o", str(out)]) == 0
+    assert "'cat' (panoptic)" in capsys.readouterr().out
+    segments = json.loads((out / "segments.json").read_text())
+    assert segments["file"] == "panoptic.png" and (out / "panoptic.png").is_file()
+    assert [s["category_id"] for s in segments["segments_info"]] == [0]
+    assert main([*args, "--vocab", "cat", "--preset", "pascal_voc_21", "-o", str(out)]) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["labels"][0] == "cat"  # the user's class first
+    assert main([*args, "--vocab", "cat;;dog", "-o", str(out)]) == 2
+    assert "--vocab 'cat;;dog'" in capsys.readouterr().err

@@ -230,3 +230,25 @@ def test_film_decoder_batch_equals_single_images():
         first = head(head.project([t[:1] for t in taps]), cond[:1])
         second = head(head.project([t[1:] for t in taps]), cond[1:])
     torch.testing.assert_close(batched, torch.cat([first, second]), atol=1e-5, rtol=0)
+
+
+def test_a_library_model_config_is_replaced_whole():
+    """`unet`, `vae` and `clip` are diffusers / open_clip configs: an override replaces the whole
+    dict (the library that builds it validates it), other keys merge as usual."""
+    import promptseg
+
+    vae = {
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D"],
+        "block_out_channels": [4],
+        "latent_channels": 4,
+        "norm_num_groups": 2,
+    }
+    card = promptseg.model_info("diffews_test_tiny", config={"vae": vae, "text_tokens": 3})
+    assert card.config["vae"] == vae  # nothing of the zoo's VAE left (e.g. its sample_size)
+    assert card.config["text_tokens"] == 3
+    assert card.config["backbone"] == promptseg.model_info("diffews_test_tiny").config["backbone"]
+    with pytest.raises(TypeError, match="whole model config"):
+        promptseg.model_info("diffews_test_tiny", config={"vae": 3})

@@ -16,7 +16,6 @@ of the empty prompt (`empty_prompt_embedding`), stored with the weights.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 
 from ..imageio import load_image, load_mask
 from ..layers.kv_bank import KVBank, kv_bank_processors
-from ..prompt_files import read_prompt_file, warn_other_model
+from ..prompt_files import read_prompt_file, tensors_sha256, warn_other_model
 from ..prompts import Prompt, SupportSet, VisualPrompt
 from ..registry import lookup, register_model
 from ..result import SegmentationResult
@@ -214,7 +213,7 @@ class DiffewS(PromptSegModel):
         tensors = {f"{i}.latents": b.latents.detach().float().cpu().contiguous()
                    for i, b in enumerate(banks)}  # fmt: skip
         meta = {"format": PROMPT_FORMAT, "version": "1", "model": self.card.name,
-                "prompts": str(len(banks)), "sha256": _tensors_sha256(tensors)}  # fmt: skip
+                "prompts": str(len(banks)), "sha256": tensors_sha256(tensors)}  # fmt: skip
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         safetensors.torch.save_file(tensors, str(path), metadata=meta)
 
@@ -225,7 +224,7 @@ class DiffewS(PromptSegModel):
         )
         if meta.get("version") != "1":
             raise ValueError(f"{path}: unknown DiffewS prompt file version {meta.get('version')!r}")
-        if meta.get("sha256") != _tensors_sha256(tensors):
+        if meta.get("sha256") != tensors_sha256(tensors):
             raise ValueError(
                 f"{path}: its tensors do not match the checksum written with them (the file was "
                 "changed or damaged); encode the references again"
@@ -337,13 +336,3 @@ class DiffewS(PromptSegModel):
                 "score": "mean of the soft map inside the mask",
             },
         )
-
-
-def _tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (prompt-file integrity)."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].contiguous()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
