@@ -474,3 +474,42 @@ def test_state_dict_matches_the_official_layout(
     assert len(ours) == n_keys
     assert sum(math.prod(s) for s in spec.values()) == n_params
     assert sum(p.numel() for p in head.parameters()) == n_params
+
+
+def test_the_official_head_gives_the_same_outputs():
+    """The official vendored Mask2Former pixel decoder + ODISE's masked-attention decoder (with
+    PooledMaskEmbed and the caption class head), run on a tiny random configuration: the stored
+    outputs equal ours on the same seeded weights and inputs (the file's metadata says how)."""
+    stored = safetensors.torch.load_file(
+        Path(__file__).parent / "data" / "mask2former_official_tiny.safetensors"
+    )
+    channels = [24, 40, 48, 64]
+    head = Mask2FormerHead(
+        {f"res{i}": c for i, c in zip(range(2, 6), channels, strict=True)},
+        {f"res{i}": 2**i for i in range(2, 6)},
+        hidden_dim=32, num_queries=6, nheads=2, dim_feedforward=64, dec_layers=4, enc_layers=2,
+        enc_dim_feedforward=64, conv_dim=32, mask_dim=32, class_head=True,
+    ).eval()  # fmt: skip
+    generator = torch.Generator().manual_seed(3)
+    state = head.state_dict()
+    with torch.no_grad():
+        for key in sorted(state):
+            t = state[key]
+            if t.is_floating_point():
+                scale = max(1, t.shape[-1] if t.dim() else 1) ** 0.5
+                t.copy_(torch.randn(t.shape, generator=generator) / scale)
+    generator = torch.Generator().manual_seed(4)
+    features = {
+        f"res{i}": torch.randn(2, c, 64 // 2**i, 96 // 2**i, generator=generator)
+        for i, c in zip(range(2, 6), channels, strict=True)
+    }
+    with torch.no_grad():
+        mask_features, levels = head.pixel_decoder(features)
+        out = head(features)
+    torch.testing.assert_close(mask_features, stored["out.mask_features"], atol=1e-5, rtol=1e-5)
+    for i, level in enumerate(levels):
+        torch.testing.assert_close(level, stored[f"out.level{i}"], atol=1e-5, rtol=1e-5)
+    for key in ("pred_masks", "pred_logits", "mask_embed"):
+        torch.testing.assert_close(out[key], stored[f"out.{key}"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["aux"][0]["pred_masks"], stored["out.aux0.pred_masks"])
+    assert float(out["logit_scale"]) == pytest.approx(float(stored["out.logit_scale"]))
