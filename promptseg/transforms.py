@@ -45,6 +45,7 @@ DATA_CONFIG_KEYS = (
     "canvas",
     "size_divisibility",
     "eval_resolution",
+    "eval_vocabulary",
 )
 
 

@@ -224,8 +224,8 @@ EVALS: dict[str, EvalCommand] = {
     ),
     "ovseg": EvalCommand(
         help="Open-vocabulary panoptic / instance / semantic (ODISE: COCO, ADE, A-847, PC, PAS).",
-        description="PQ (panopticapi), mask AP (COCOeval segm), mIoU (detectron2) with the "
-        "dataset's class names as vocabulary.",
+        description="PQ (panopticapi), mask AP (COCOeval segm), mIoU (detectron2) with one "
+        "vocabulary per dataset (its prompt-engineered one by default).",
         function="ovseg:eval_ovseg",
         options=(
             _arg(
@@ -236,8 +236,10 @@ EVALS: dict[str, EvalCommand] = {
             _arg("--tasks", default="pq,ap,miou", help="comma list of pq, ap, miou"),
             _arg(
                 "--vocabulary",
-                "vocabulary_file",
-                help="class names file, one class per line (synonyms: a,b)",
+                default="auto",
+                help="prompt-engineered (the dataset's built-in vocabulary, ODISE's protocol), "
+                "names (the dataset's class names), or a file of one class per line (synonyms: "
+                "a,b); default auto: the model's own protocol (ODISE: prompt-engineered)",
             ),
             _arg("--images", type=int, help="first N images only (smoke runs)"),
         ),

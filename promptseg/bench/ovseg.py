@@ -64,6 +64,42 @@ def read_vocabulary_file(path: str | Path) -> list[list[str]]:
     return classes
 
 
+DATASET_PRESETS = {
+    "coco-panoptic": "coco_panoptic",
+    "ade150": "ade20k_150",
+    "ade847": "ade20k_847",
+    "pc59": "pascal_context_59",
+    "pc459": "pascal_context_459",
+    "pas21": "pascal_voc_21",
+}
+"""The prompt-engineered vocabulary (`Vocabulary.preset`) each dataset is evaluated with."""
+
+
+def dataset_vocabulary(
+    dataset: str, names: list[str], choice: str | Path = "auto", model_default: str = "names"
+) -> tuple[list[list[str]], str]:
+    """(classes, what they are) for `--vocabulary`: "prompt-engineered" (the dataset's preset,
+    the ODISE protocol), "names" (the dataset's class names), a file of one class per line, or
+    "auto": the model's `eval_vocabulary` (data config), else the names."""
+    preset = Vocabulary.preset(DATASET_PRESETS[dataset])
+    if choice == "auto":
+        choice = model_default
+    if choice == "names":
+        return [[n] for n in names], "dataset class names"
+    if choice == "prompt-engineered":
+        if len(preset) != len(names):
+            raise ValueError(
+                f"--vocabulary prompt-engineered: the {DATASET_PRESETS[dataset]} preset has "
+                f"{len(preset)} classes but this {dataset} data root has {len(names)}; use "
+                "--vocabulary names or a file"
+            )
+        return [list(c) for c in preset.classes], f"preset {DATASET_PRESETS[dataset]}"
+    classes = read_vocabulary_file(choice)
+    if len(classes) != len(names):
+        raise ValueError(f"{choice} has {len(classes)} classes, {dataset} has {len(names)}")
+    return classes, str(choice)
+
+
 def _parse_tasks(tasks: str | list[str]) -> list[str]:
     items = tasks.split(",") if isinstance(tasks, str) else list(tasks)
     out = [t.strip().lower() for t in items if t.strip()]
@@ -124,7 +160,7 @@ def eval_ovseg(
     dataset: str,
     data_root: str | Path,
     tasks: str | list[str] = "pq,ap,miou",
-    vocabulary_file: str | Path | None = None,
+    vocabulary: str | Path = "auto",
     images: int | None = None,
     out: str | Path = "runs",
     resume: bool = False,
@@ -139,14 +175,9 @@ def eval_ovseg(
             f"{model.card.name} has no {TASK_LEVELS[missing[0]]!r} output, which --tasks "
             f"{missing[0]} scores; its levels: {list(model.levels)}"
         )
-    classes: list[Any] = list(data.names)
-    if vocabulary_file is not None:
-        classes = read_vocabulary_file(vocabulary_file)
-        if len(classes) != len(data.names):
-            raise ValueError(
-                f"{vocabulary_file} has {len(classes)} classes, {dataset} has {len(data.names)}"
-            )
-    vocab = Vocabulary(classes, is_thing=data.things)
+    default = model.card.data_config.get("eval_vocabulary", "names")
+    classes, vocabulary_source = dataset_vocabulary(dataset, data.names, vocabulary, default)
+    vocab = Vocabulary(classes, is_thing=data.things, allow_duplicates=True)
     items = data.items[:images] if images is not None else data.items
 
     directory = run_dir(out, "ovseg", dataset, None, None, model.card.name)
@@ -172,7 +203,7 @@ def eval_ovseg(
             "detections": detections,
         }
 
-    key = f"ovseg|{dataset}|{','.join(tasks_run)}|{len(items)}|{vocabulary_file}"
+    key = f"ovseg|{dataset}|{','.join(tasks_run)}|{len(items)}|{vocabulary_source}"
     progress = Progress(directory, resume=resume, key=key)
     if progress.state is not None:
         saved = progress.state
@@ -275,7 +306,7 @@ def eval_ovseg(
         "protocol": {
             "resolution": "original",
             "threshold": model.card.default_threshold,
-            "vocabulary": str(vocabulary_file) if vocabulary_file else "dataset class names",
+            "vocabulary": vocabulary_source,
             "metric_impl": "promptseg.metrics.panoptic@1,semseg@1,coco_ap@1",
             "subset": images is not None,
         },

@@ -221,3 +221,22 @@ def test_ovseg_names_a_level_the_model_lacks(mini, tmp_path, monkeypatch, capsys
     assert main([*argv, "--data-root", str(mini), "--out", str(tmp_path), "--tasks", "pq,ap"]) == 2
     err = capsys.readouterr().err
     assert "test_colorkey has no 'instance' output, which --tasks ap scores" in err
+
+
+def test_each_dataset_has_its_prompt_engineered_vocabulary(tmp_path):
+    """`--vocabulary`: the dataset's built-in preset (ODISE's protocol), its names, or a file;
+    auto follows the model's eval_vocabulary."""
+    from promptseg.bench.ovseg import DATASET_PRESETS, dataset_vocabulary
+    from promptseg.vocabularies import read_preset
+
+    for dataset, preset in DATASET_PRESETS.items():
+        classes = read_preset(preset)[0]
+        names = [c[0] for c in classes]
+        got, source = dataset_vocabulary(dataset, names, "auto", "prompt-engineered")
+        assert got == [list(c) for c in classes] and source == f"preset {preset}"
+        assert dataset_vocabulary(dataset, names)[0] == [[n] for n in names]
+    with pytest.raises(ValueError, match="--vocabulary names"):
+        dataset_vocabulary("pc59", ["a", "b"], "prompt-engineered")
+    path = tmp_path / "v.txt"
+    path.write_text("0:a,alpha\n1:b\n")
+    assert dataset_vocabulary("pc59", ["a", "b"], str(path)) == ([["a", "alpha"], ["b"]], str(path))
