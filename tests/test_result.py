@@ -286,6 +286,7 @@ def test_save(tmp_path: Path) -> None:
         "m_002_x.png",
         "overlay.png",
         "panoptic.png",
+        "segments.json",
         "result.json",
     ]
     assert all(p.is_file() and p.parent == out for p in paths)
@@ -310,6 +311,8 @@ def test_save(tmp_path: Path) -> None:
     assert data["meta"]["model"] == "m" and data["meta"]["device"] == "cpu"
     assert data["meta"]["t"] == 0.5
     assert data["panoptic"]["segments_info"][0]["score"] == pytest.approx(0.7)
+    segments = json.loads((out / "segments.json").read_text())
+    assert segments == data["panoptic"]
 
 
 def test_save_empty(tmp_path: Path) -> None:
