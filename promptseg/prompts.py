@@ -231,7 +231,7 @@ VOCABULARY_FORMS = "e.g. 'cat,kitty;dog' or [['cat', 'kitty'], 'dog']"
 def _parse_classes(classes: Any) -> tuple[tuple[str, ...], ...]:
     """Classes from the `;`/`,` text form or a list of str / lists of str, checked."""
     if isinstance(classes, str):
-        classes = [c.split(",") for c in classes.split(";")]
+        classes = [c.split(",") for c in classes.split(";")] if classes.strip() else []
     elif isinstance(classes, bytes) or not isinstance(classes, Sequence):
         raise TypeError(
             f"Vocabulary classes must be a str or a list, got {type(classes).__name__}; "
