@@ -7,9 +7,7 @@ All tensors are kept on the CPU.
 
 from __future__ import annotations
 
-import colorsys
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -19,27 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.ops import masks_to_boxes
 
-from promptseg.imageio import ImageInput, load_image, to_pil
+from promptseg.imageio import ImageInput, load_image
 from promptseg.jsonable import to_jsonable
+from promptseg.viz import draw_overlay, palette
 
 __all__ = ["LEVELS", "SegmentationResult", "palette"]
 
 LEVELS: tuple[str, ...] = ("identity", "instance", "semantic", "panoptic", "binary")
 """Allowed values of `SegmentationResult.level`."""
-
-
-def palette(n: int) -> torch.Tensor:
-    """`n` distinct, deterministic colours as uint8 [n, 3] (golden-ratio hue steps)."""
-    golden = (math.sqrt(5.0) - 1.0) / 2.0
-    cols = []
-    for i in range(n):
-        sat, val = (0.85, 1.0) if i % 2 == 0 else (0.6, 0.85)
-        cols.append(colorsys.hsv_to_rgb((0.1 + i * golden) % 1.0, sat, val))
-    return (torch.tensor(cols, dtype=torch.float32).reshape(n, 3) * 255).round().to(torch.uint8)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -82,9 +71,16 @@ class SegmentationResult:
     masks: torch.Tensor
     """bool [N, H, W] at the original image size."""
     scores: torch.Tensor
-    """float32 [N] confidence per mask."""
+    """float32 [N] confidence per mask, in [0, 1], one meaning per level: binary = mean foreground
+    probability over the mask; identity = the object token's match probability x mean mask
+    probability over the mask; instance = class probability x mean mask probability over the
+    mask; semantic = the class's semantic map (class x mask probability summed over queries,
+    capped at 1) averaged over the mask; panoptic = the class probability of the segment's
+    query."""
     labels: list[str]
-    """Human-readable label per mask (prompt text, class name, "object 3", ...)."""
+    """Label per mask, one rule for every family: a text prompt's text; a vocabulary class's
+    first name; "reference i" for the reference prompt at position i of the call (with " class
+    c" / " object k" when its references hold several classes / objects)."""
     prompt_index: torch.Tensor
     """int64 [N]: index of the prompt in the batch that produced the mask."""
     level: list[str]
@@ -384,11 +380,12 @@ class SegmentationResult:
         return records
 
     def overlay(self, alpha: float = 0.5, image: ImageInput | None = None) -> Image.Image:
-        """Image with each mask blended in a distinct colour, outlined, and labelled.
+        """RGB image, of the image's size, with each mask tinted, outlined, and labelled.
 
         The base is `image` if given (anything `load_image` accepts, of the result's size),
-        else `self.image`, else a black canvas. Colours come from the fixed `palette`; the text
-        is "label score" near each mask's centroid.
+        else `self.image`, else a black canvas. Colours come from the fixed `palette`. Each
+        "label score" sits on a box inside its mask, sized to the image; labels that do not fit
+        go to a legend in a corner, and their masks get its row number (`promptseg.viz`).
         """
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -404,41 +401,9 @@ class SegmentationResult:
             base = self.image
         else:
             base = torch.zeros(3, h, w, dtype=torch.uint8)
-        n = len(self)
-        if n == 0:
-            return to_pil(base.contiguous())
-
-        colours = palette(n).float()
-        masks = self.masks
-        # 1-px inner contour: mask minus its 3x3 erosion (erosion = -maxpool(-x)).
-        mf = masks.float()[:, None]
-        eroded = -F.max_pool2d(-mf, kernel_size=3, stride=1, padding=1)
-        contours = (mf - eroded)[:, 0] > 0
-
-        canvas = base.float()
-        for i in range(n):
-            c = colours[i].view(3, 1, 1)
-            canvas = torch.where(masks[i], (1.0 - alpha) * canvas + alpha * c, canvas)
-            canvas = torch.where(contours[i], c.expand(3, h, w), canvas)
-        out = to_pil(canvas.round().clamp(0, 255).to(torch.uint8))
-
-        # Centroids of all masks at once.
-        area = masks.flatten(1).sum(1).clamp(min=1).float()
-        ys = (masks.sum(2).float() * torch.arange(h, dtype=torch.float32)).sum(1) / area
-        xs = (masks.sum(1).float() * torch.arange(w, dtype=torch.float32)).sum(1) / area
-        draw = ImageDraw.Draw(out)
-        font = ImageFont.load_default()
-        for i in range(n):
-            if not bool(masks[i].any()):
-                continue
-            text = f"{self.labels[i]} {float(self.scores[i]):.2f}"
-            x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-            tw, th = x1 - x0, y1 - y0
-            x = min(max(int(xs[i]) - tw // 2, 0), max(w - tw, 0))
-            y = min(max(int(ys[i]) - th // 2, 0), max(h - th, 0))
-            draw.rectangle((x - 1, y - 1, x + tw + 1, y + th + 1), fill=(0, 0, 0))
-            draw.text((x - x0, y - y0), text, fill=tuple(int(v) for v in colours[i]), font=font)
-        return out
+        return draw_overlay(
+            base.permute(1, 2, 0).numpy(), self.masks.numpy(), self.labels, self.scores, alpha
+        )
 
     def save(self, directory: str | Path, prefix: str = "mask") -> list[Path]:
         """Write masks, overlay and metadata to `directory` (created); return the paths written.
