@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import promptseg
 from promptseg import Vocabulary
+from promptseg.heads.mask_inference import semantic_scores
 from promptseg.models.odise import (
     ensemble_class_scores,
     mask_clip_attention,
@@ -48,6 +49,9 @@ def test_one_forward_gives_every_level(model, scene):
     assert len(semantic) == 4 and semantic.class_ids.tolist() == [0, 1, 2, 3]
     assert semantic.labels == ["cat", "dog", "sky", "grass"]
     assert torch.equal(semantic.masks.sum(0), torch.ones(48, 80, dtype=torch.int64))  # a partition
+    assert torch.equal(semantic.masks, semantic.logits.argmax(0) == torch.arange(4)[:, None, None])
+    expected = semantic_scores(semantic.logits, semantic.masks)  # the map capped, averaged
+    torch.testing.assert_close(semantic.scores, expected)
     instances = res.select([lv == "instance" for lv in res.level])
     assert all(VOCAB.is_thing[c] for c in instances.class_ids.tolist())
     ids, infos = res.panoptic["id_map"], res.panoptic["segments_info"]
@@ -174,3 +178,36 @@ def test_half_precision_keeps_the_pixel_decoder_in_fp32(scene):
     assert model.head.pixel_decoder.mask_features.weight.dtype == torch.float32
     res = model.segment(scene, VOCAB, level="all")
     assert res.masks.shape[1:] == (48, 80) and torch.isfinite(res.scores).all()
+
+
+def test_command_line_segment_encode_prompt_and_prompt_file(scene, tmp_path, capsys):
+    """segment --vocab/--preset --level panoptic writes the panopticapi PNG, segments.json and an
+    overlay; encode-prompt writes the vocabulary embedding that --prompt-file reuses."""
+    import json
+
+    from PIL import Image
+
+    from promptseg.cli import main
+
+    Image.fromarray(scene).save(tmp_path / "scene.png")
+    base = ["--model", "odise_test_tiny", "--random-weights"]
+    vocab = ["--vocab", "cat,kitty;dog", "--preset", "pascal_voc_21"]
+    out = tmp_path / "out"
+    args = ["segment", str(tmp_path / "scene.png"), *base, *vocab, "--level", "panoptic"]
+    assert main([*args, "-o", str(out)]) == 0
+    assert "RANDOM weights" in capsys.readouterr().err
+    segments = json.loads((out / "segments.json").read_text())
+    assert segments["file"] == "panoptic.png"
+    with Image.open(out / "panoptic.png") as im:
+        ids = np.asarray(im).astype(np.int64) @ np.array([1, 256, 65536])
+    assert sorted(set(np.unique(ids).tolist()) - {0}) == [
+        s["id"] for s in segments["segments_info"]
+    ]
+    with Image.open(out / "overlay.png") as im:
+        assert im.size == (80, 48)
+    prompt = tmp_path / "vocab.safetensors"
+    assert main(["encode-prompt", *base, *vocab, "-o", str(prompt)]) == 0 and prompt.is_file()
+    again = tmp_path / "again"
+    args = ["segment", str(tmp_path / "scene.png"), *base, "--prompt-file", str(prompt)]
+    assert main([*args, "--level", "panoptic", "-o", str(again)]) == 0
+    assert json.loads((again / "segments.json").read_text()) == segments

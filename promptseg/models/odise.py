@@ -90,21 +90,30 @@ def max_over_synonyms(logits: Tensor, synonym_class: Tensor, n_classes: int) -> 
 
 
 def ensemble_class_scores(
-    diffusion: Tensor, clip: Tensor, void: Tensor, seen: Tensor, alpha: float, beta: float
+    diffusion: Tensor,
+    clip: Tensor,
+    void: Tensor,
+    seen: Tensor,
+    alpha: float,
+    beta: float,
+    foreground: Tensor | None = None,
 ) -> Tensor:
     """ODISE's fusion: class logits of both branches [Q, K], void probability [Q], seen [K] ->
     K+1 log-probabilities [Q, K+1] (softmaxed again by the post-processing, as the reference does).
 
     p, q = softmax of each branch; e_k = log(p^(1-w) q^w) with w = alpha for seen classes, beta
     for unseen ones (a `where`, not the reference's masked sum: an underflow gives -inf, not NaN);
-    final = log([softmax(e) (1 - void), void] + 1e-8).
+    final = log([softmax(e) foreground, void] + 1e-8) with foreground = 1 - void unless given.
+    The caption model's class head gives both probabilities and the reference scales by its
+    foreground softmax, not by 1 - void (in float32 they differ when void is near 1).
     """
     p, q = diffusion.float().softmax(-1), clip.float().softmax(-1)
     seen_term = torch.log(p ** (1 - alpha) * q**alpha)
     unseen_term = torch.log(p ** (1 - beta) * q**beta)
     fused = torch.where(seen.to(p.device), seen_term, unseen_term).softmax(-1)
     void = void.float()[:, None]
-    return torch.log(torch.cat([fused * (1 - void), void], dim=-1) + 1e-8)
+    keep = 1 - void if foreground is None else foreground.float()[:, None]
+    return torch.log(torch.cat([fused * keep, void], dim=-1) + 1e-8)
 
 
 def mask_clip_attention(visible: Tensor, n_masks: int, heads: int) -> Tensor:
@@ -139,6 +148,7 @@ class ODISE(PromptSegModel):
     """Stable Diffusion features + Mask2Former + CLIP, open vocabulary (spec in the module doc)."""
 
     levels = ("panoptic", "instance", "semantic", "all")
+    threshold_meaning = "minimum class probability of a query kept for the panoptic output"
     image_cache_size = 4
 
     def __init__(self, card: Any) -> None:
@@ -309,13 +319,16 @@ class ODISE(PromptSegModel):
         clip = max_over_synonyms(
             clip_scale * f.clip_embed @ text.clip_text.T, text.synonym_class, k
         )
+        foreground = None
         if self.label:
             null = F.normalize(self.text_head.text_proj(self.text_head.null_embed).float(), dim=-1)
             void_logit = f.logit_scale * f.mask_embed @ null.T  # [Q, 1]
             void = torch.cat([diffusion, void_logit], dim=-1).softmax(-1)[:, -1]
         else:
-            void = f.class_logits.softmax(-1)[:, 1]
-        scores = ensemble_class_scores(diffusion, clip, void, text.seen, self.alpha, self.beta)
+            foreground, void = f.class_logits.softmax(-1).unbind(-1)
+        scores = ensemble_class_scores(
+            diffusion, clip, void, text.seen, self.alpha, self.beta, foreground=foreground
+        )
         return scores, f, text.vocabulary
 
     def postprocess(
@@ -412,12 +425,11 @@ class ODISE(PromptSegModel):
         self, probs: Tensor, mask_probs: Tensor, vocabulary: Vocabulary, full: bool
     ) -> dict[str, Any]:
         """One mask per class: the argmax regions of sum_q prob(q, k) mask_prob(q) (possibly
-        empty); score = the mean, inside the region, of the class's share of that map at each
-        pixel (in [0, 1]). Computed class chunk by class chunk, so a 1,000-class vocabulary never
-        holds the [K, H, W] map unless asked for."""
+        empty); score = that map capped at 1 and averaged over the region (`semantic_scores`).
+        Computed class chunk by class chunk, so a 1,000-class vocabulary never holds the
+        [K, H, W] map unless asked for."""
         k = probs.shape[1] - 1
         best = torch.full(mask_probs.shape[1:], -1.0, device=mask_probs.device)
-        total = torch.zeros(mask_probs.shape[1:], device=mask_probs.device)
         label = torch.zeros(mask_probs.shape[1:], dtype=torch.int64, device=mask_probs.device)
         chunks = []
         for start in range(0, k, SEMANTIC_CHUNK):
@@ -427,14 +439,13 @@ class ODISE(PromptSegModel):
             better = value > best
             best = torch.where(better, value, best)
             label = torch.where(better, index + start, label)
-            total += part.sum(0)
             if full:
                 chunks.append(part.cpu())
         classes = torch.arange(k, device=label.device)
         masks = label[None] == classes[:, None, None]  # [K, H, W]
         area = masks.flatten(1).sum(1)
-        share = (best / total.clamp(min=1e-12)).clamp(max=1).flatten()
-        sums = torch.zeros(k, device=label.device).index_add_(0, label.flatten(), share)
+        capped = best.clamp(max=1).flatten()  # each pixel's map value of its own class
+        sums = torch.zeros(k, device=label.device).index_add_(0, label.flatten(), capped)
         return {
             "masks": masks.cpu(),
             "scores": torch.where(area > 0, sums / area.clamp(min=1), 0.0).cpu(),
