@@ -13,6 +13,8 @@ from .errors import PromptsegError
 from .vocabularies import PRESETS
 
 DEFAULT_MODEL = "clipseg_vitb16_rd64.refined"
+DEFAULT_VIDEO_MODEL = "sine_dinov2l.coco_ade_o365"
+RANDOM_WEIGHTS_SEED = 0  # --random-weights builds the same model at every run
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -91,8 +93,8 @@ def _check_model_args(args: argparse.Namespace) -> bool:
         if args.checkpoint is not None:
             raise ValueError("give --checkpoint FILE or --random-weights, not both")
         print(
-            f"promptseg: {card.name} with RANDOM weights: the masks mean nothing (for trying "
-            "the command and the pipeline only)",
+            f"promptseg: {card.name} with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}, the same at "
+            "every run): the masks mean nothing (for trying the command and the pipeline only)",
             file=sys.stderr,
         )
         return False
@@ -114,17 +116,22 @@ def _check_model_args(args: argparse.Namespace) -> bool:
 
 def _build_model(args: argparse.Namespace):
     """The model of --model with --checkpoint, --cache-dir, --device and --config (checked)."""
+    import torch
+
     from .overrides import parse_key_values
     from .zoo import create_model
 
-    return create_model(
-        args.model,
-        pretrained=_check_model_args(args),
-        checkpoint_path=args.checkpoint,
-        cache_dir=args.cache_dir,
-        device=args.device,
-        config=parse_key_values(args.config),
-    )
+    pretrained = _check_model_args(args)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same model at every run
+        return create_model(
+            args.model,
+            pretrained=pretrained,
+            checkpoint_path=args.checkpoint,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            config=parse_key_values(args.config),
+        )
 
 
 def _check_prompt_files(args: argparse.Namespace) -> None:
@@ -138,7 +145,7 @@ def _check_prompt_files(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .weights import native_checkpoint_path
+    from .weights import cache_root, native_checkpoint_path
 
     card = _card_of(args)
     native = native_checkpoint_path(card, args.cache_dir)
@@ -149,15 +156,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     if card.paper:
         print(f"paper:         {card.paper}")
     print(f"licence:       {card.license or 'n/a'}")
-    print(f"threshold:     {card.default_threshold}")
+    print(f"threshold:     {_threshold_text(card)}")
     print(f"data config:   {json.dumps(card.data_config)}")
     print(f"config:        {json.dumps(card.config)}")
-    print(f"cached at:     {native} ({'present' if native.is_file() else 'not downloaded'})")
+    if card.converter is None:
+        print("weights:       none to load (a test model: it runs as it is)")
+    elif not card.weights:
+        print(
+            "weights:       none released: use --checkpoint FILE with weights of your own, or "
+            "--random-weights to try it (meaningless masks)"
+        )
+    else:
+        print(f"cached at:     {native} ({'present' if native.is_file() else 'not downloaded'})")
     for i, route in enumerate(card.weights, 1):
         requires = f", needs {', '.join(route.requires)}" if route.requires else ""
         print(f"weights option {i} (converter {route.converter}{requires}):")
         for source in route.files:
             print(f"  - {source.describe()}")
+            if source.kind == "manual":
+                place = cache_root(args.cache_dir) / card.name / source.filename
+                print(f"    save the file {source.filename} at {place}")
     if card.reported:
         print("reported in the paper:")
         for table, numbers in card.reported.items():
@@ -165,6 +183,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     elif card.pretrained:
         print("reported in the paper: none published for these weights")
     return 0
+
+
+def _threshold_text(card: Any) -> str:
+    """The threshold `segment` uses when none is given, and what it applies to."""
+    from .registry import lookup
+
+    family = lookup("model family", card.family)
+    value = card.default_threshold
+    if value is None:
+        value = family.default_threshold
+    if value is None:
+        return "none (the model's own decision rule; --threshold is not used by default)"
+    return f"{value} ({family.threshold_meaning})"
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -188,8 +219,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         checkpoint_hint,
         convert_checkpoint,
         load_native_state_dict,
-        load_state_dict_file,
         native_checkpoint_path,
+        read_checkpoint,
         save_state_dict_file,
     )
     from .zoo import build_model, card_for_checkpoint
@@ -199,12 +230,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{card.name} takes no weights; there is nothing to convert for it")
     if not Path(args.file).exists():
         raise FileNotFoundError(
-            f"FILE {args.file!r} does not exist; give a checkpoint file or a save_pretrained folder"
+            f"FILE {args.file!r} does not exist; give a checkpoint file or a folder "
+            f"(save_pretrained, or the official files `promptseg info {card.name}` lists)"
         )
     if args.output is not None and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
     with blame_file(args.file, checkpoint_hint(card, args.cache_dir)):
-        state = convert_checkpoint(card, load_state_dict_file(args.file), cache_dir=args.cache_dir)
+        read, _ = read_checkpoint(card, args.file)
+        state = convert_checkpoint(card, read, cache_dir=args.cache_dir)
     architecture = checkpoint_architecture(card, args.file)
     model = build_model(card_for_checkpoint(card, args.file))
     load_native_state_dict(model, state, str(args.file))  # verify before caching
@@ -322,6 +355,8 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
         raise ValueError("give the first frame's labels with --first-mask PNG or --masks-dir DIR")
     if args.memory is not None and args.memory < 1:
         raise ValueError(f"--memory is a number of frames, at least 1; got {args.memory}")
+    if not args.fps > 0:
+        raise ValueError(f"--fps must be a positive frame rate, got {args.fps}")
     _need_folder(args.frames, "FRAMES")
     if args.first_mask is not None:
         _need_file(args.first_mask, "--first-mask")
@@ -370,18 +405,55 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
         options["masks"] = later
     out = Path(args.output)
     labels = model.segment_video(frames, first_mask, **options)
+    (out / "overlay").mkdir(parents=True, exist_ok=True)
+    overlays = []
     for frame, label_map in zip(frames, labels, strict=True):
         save_label_png(out / f"{frame.stem}.png", label_map)
-    print(f"wrote {len(frames)} palette PNGs to {out}")
+        overlay = video_overlay(frame, label_map)
+        overlay.save(out / "overlay" / f"{frame.stem}.png")
+        if args.gif:
+            overlays.append(overlay)
+    print(f"wrote {len(frames)} palette PNGs to {out} and their overlays to {out / 'overlay'}")
+    if overlays:
+        gif = out / "overlay.gif"
+        duration = round(1000 / args.fps)
+        overlays[0].save(gif, save_all=True, append_images=overlays[1:], duration=duration, loop=0)
+        print(f"wrote {gif} ({len(overlays)} frames at {args.fps} fps)")
     return 0
+
+
+def video_overlay(frame: str | Path, label_map: Any) -> Any:
+    """One frame with its objects drawn as `segment` draws masks ("object k", colour k)."""
+    import torch
+
+    from .imageio import load_image
+    from .result import SegmentationResult
+
+    ids = torch.as_tensor(label_map)
+    top = int(ids.max()) if ids.numel() else 0
+    objects = torch.arange(1, top + 1)  # every id up to the largest: stable colours per object
+    masks = ids[None] == objects[:, None, None]
+    present = masks.flatten(1).any(1)
+    result = SegmentationResult(
+        masks=masks[present],
+        scores=torch.ones(int(present.sum())),
+        labels=[f"object {k}" for k in objects[present].tolist()],
+        prompt_index=objects[present] - 1,
+        level=["identity"] * int(present.sum()),
+        image=load_image(frame),
+    )
+    return result.overlay()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .overrides import parse_key_values
     from .registry import lookup
 
+    _need_file(args.train_config, "--config")
     train = lookup("trainer", args.family)
     model_config = parse_key_values(args.model_config) or None
+    if args.random_weights:
+        print("promptseg: training from RANDOM weights (pretrained: false)", file=sys.stderr)
     print(
         train(
             args.train_config,
@@ -389,6 +461,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             out=args.out,
             device=args.device,
             model_config=model_config,
+            pretrained=False if args.random_weights else None,
         )
     )
     return 0
@@ -497,7 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert a checkpoint file you have (official, transformers, ...) into the cache.",
     )
     p.add_argument("name", help="model name the file belongs to")
-    p.add_argument("file", help="checkpoint file or save_pretrained directory")
+    p.add_argument(
+        "file",
+        help="checkpoint file, save_pretrained / pipeline directory, or a folder of a family's "
+        "official files under their release names (ODISE: its .pth, sd-v1-3.ckpt, "
+        "ViT-L-14-336px.pt)",
+    )
     p.add_argument("-o", "--output", help="write here instead of the cache")
     config_arg(p)
     cache(p)
@@ -521,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(
         "encode-prompt",
         cmd_encode_prompt,
-        "Encode reference images + masks once (e.g. SINE k-shot prototypes) into a file that "
+        "Encode a prompt once (SINE k-shot prototypes, a DiffewS support bank, an ODISE "
+        "vocabulary's text embeddings) into a file that "
         "`segment --prompt-file` reuses for any number of images.",
     )
     p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="model name")
@@ -546,12 +625,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of label PNGs named after their frames (YouTube-VOS Annotations/<video>/): "
         "objects whose label first appears in a later frame's PNG are followed from that frame",
     )
-    p.add_argument("--model", default="sine_dinov2l.coco_ade_o365", help="a video-capable model")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_VIDEO_MODEL,
+        help=f"a video-capable model (default {DEFAULT_VIDEO_MODEL})",
+    )
     p.add_argument("--memory", type=int, help="memory frames per object (DAVIS-17 6, DAVIS-16 2)")
+    p.add_argument("--gif", action="store_true", help="also write overlay.gif of the overlays")
+    p.add_argument("--fps", type=float, default=10.0, help="frame rate of --gif (default 10)")
     model_args(p)
-    p.add_argument("-o", "--output", default="out", help="output folder for palette PNGs")
+    p.add_argument(
+        "-o",
+        "--output",
+        default="out",
+        help="output folder: one palette PNG per frame (frame 0's is the model's prediction, "
+        "not a copy of the given mask) and overlay/<frame>.png",
+    )
 
-    p = add("train", cmd_train, "Fine-tune a model's trainable parts (SINE) on a COCO dataset.")
+    p = add(
+        "train",
+        cmd_train,
+        "Fine-tune a model's trainable parts (SINE, DiffewS, ODISE) on a COCO-format dataset.",
+    )
     p.add_argument(
         "family",
         choices=sorted(registered("trainer")),
@@ -561,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         dest="train_config",
         required=True,
-        help="YAML: model, annotations, images, steps, ...",
+        help="YAML of the training keys (examples/train_sine.yaml documents each one; "
+        "examples/train_sine_tiny.yaml runs in a minute on a CPU)",
     )
     p.add_argument(
         "--model-config",
@@ -571,6 +667,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-config backbone.name=open_clip_vit",
     )
     p.add_argument("--steps", type=int, help="override the config's number of steps")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="start from random weights whatever the config's `pretrained` says",
+    )
     p.add_argument("--out", help="override the config's output folder")
     p.add_argument("--device", help="cpu, cuda, ...")
 
@@ -585,13 +686,37 @@ def _command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+# Python words in library messages -> what a command-line user types (most specific first)
+CLI_WORDS = (
+    (
+        "`checkpoint_path=<file>` (Python) / `--checkpoint <file>` (command line)",
+        "--checkpoint FILE",
+    ),
+    ("SINEPrompt.save or model.save_prompt_embedding", "`promptseg encode-prompt`"),
+    ("model.save_prompt_embedding", "`promptseg encode-prompt`"),
+    ("promptseg.list_models()", "`promptseg list`"),
+    ("`checkpoint_path=`", "--checkpoint FILE"),
+    ("checkpoint_path=", "--checkpoint FILE"),
+    ("build it with pretrained=False", "use --random-weights"),
+    ("pretrained=False", "--random-weights"),
+)
+
+
+def in_cli_words(message: str) -> str:
+    """A library message with its Python spellings replaced by the command line's."""
+    for python, cli in CLI_WORDS:
+        message = message.replace(python, cli)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; errors print one line, not a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (PromptsegError, ValueError, TypeError, OSError) as exc:
-        print(f"promptseg {_command_name(args)}: error: {exc}", file=sys.stderr)
+        message = in_cli_words(str(exc))
+        print(f"promptseg {_command_name(args)}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "Prompt",
     "as_prompt",
     "prompt_kind",
+    "reference_label",
 ]
 
 
@@ -311,6 +312,21 @@ ACCEPTED = (
     "a str, TextPrompt, VisualPrompt, MixedPrompt, SupportSet, Vocabulary, an (image, mask) pair, "
     "or a non-empty list of these (a list of (image, mask) pairs is one k-shot SupportSet)"
 )
+
+
+def reference_label(
+    index: int, *, class_id: int | None = None, object_id: int | None = None
+) -> str:
+    """The label of masks segmented from the reference prompt (VisualPrompt or SupportSet) at
+    position `index` of a call, the same in every family: "reference 2"; "reference 2 class 5"
+    when that prompt's references hold several classes; "... object 3" for one of several
+    objects. Text prompts are labelled by their text, vocabulary classes by their first name."""
+    label = f"reference {index}"
+    if class_id is not None:
+        label += f" class {class_id}"
+    if object_id is not None:
+        label += f" object {object_id}"
+    return label
 
 
 def prompt_kind(prompt: Prompt) -> str:

@@ -384,8 +384,8 @@ def test_cli_segment_and_prompt_files_with_random_weights(tmp_path, capsys, epis
     out = ["-o", str(tmp_path / "seg")]
     assert main(["segment", str(tmp_path / "q.png"), *base, *shot, "--random-weights", *out]) == 0
     captured = capsys.readouterr()
-    assert "RANDOM weights" in captured.err and "'support set 0'" in captured.out
-    assert (tmp_path / "seg" / "mask_000_support_set_0.png").is_file()
+    assert "RANDOM weights" in captured.err and "'reference 0'" in captured.out
+    assert (tmp_path / "seg" / "mask_000_reference_0.png").is_file()
     prompt = str(tmp_path / "support.safetensors")
     args = ["encode-prompt", *base, *shot, "--random-weights", "-o", prompt]
     assert main(args) == 0 and Path(prompt).is_file()

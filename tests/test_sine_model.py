@@ -135,10 +135,16 @@ def test_segment_video_command(sine, tmp_path, capsys):
     save_state_dict_file(sine.state_dict(), ckpt)
     argv = ["segment-video", str(tmp_path), "--first-mask", str(tmp_path / "first.png")]
     argv += ["--model", "sine_test_tiny", "--checkpoint", str(ckpt), "-o", str(tmp_path / "out")]
-    assert main(argv) == 0
+    assert main([*argv, "--gif"]) == 0
     written = sorted((tmp_path / "out").iterdir())
-    assert [p.name for p in written] == ["00000.png", "00001.png", "00002.png"]
+    names = ["00000.png", "00001.png", "00002.png"]
+    assert [p.name for p in written] == [*names, "overlay", "overlay.gif"]
     assert Image.open(written[0]).mode == "P" and Image.open(written[0]).size == (56, 40)
+    assert sorted(p.name for p in (tmp_path / "out" / "overlay").iterdir()) == names
+    with Image.open(tmp_path / "out" / "overlay" / "00000.png") as im:
+        assert im.mode == "RGB" and im.size[1] >= 40
+    with Image.open(tmp_path / "out" / "overlay.gif") as gif:
+        assert gif.n_frames == 3
     assert main(["segment-video", str(tmp_path / "nope"), "--first-mask", "x.png"]) == 2
 
 

@@ -50,8 +50,11 @@ def test_semantic_map_upsamples_logits_before_sigmoid(sine, scene):
     up = F.interpolate(masks[None], size=(112, 112), mode="bilinear", align_corners=False)[0]
     direct = torch.einsum("sm,shw->mhw", logits.softmax(-1)[:, :-1], up.sigmoid())[:, :84, :84]
     direct = F.interpolate(direct[None], size=(60, 90), mode="bilinear", align_corners=False)[0]
-    torch.testing.assert_close(res.scores, direct.flatten(1).amax(1), atol=1e-6, rtol=1e-6)
     assert torch.equal(res.masks, direct > 0.5)
+    inside = (direct.clamp(max=1) * res.masks).flatten(1).sum(1) / res.masks.flatten(1).sum(1)
+    expected = torch.where(res.masks.flatten(1).any(1), inside, 0.0)  # the map capped, averaged
+    torch.testing.assert_close(res.scores, expected, atol=1e-6, rtol=1e-6)
+    assert res.labels == ["reference 0 class 3", "reference 0 class 7"]
     low_first = semantic_map(logits, masks)  # the old order: sigmoid at 32x32, then upsample
     low_first = F.interpolate(low_first[None], size=(112, 112), mode="bilinear")[0]
     low_first = crop_resize(low_first, (84, 84), (60, 90))
@@ -163,7 +166,7 @@ def test_prompt_embedding_errors(sine, scene, tmp_path):
     with pytest.raises(ValueError, match="64-d tokens but sine_test_tiny uses 32-d"):
         sine.segment(img, wide)
     clipseg = promptseg.create_model("clipseg_test_tiny", pretrained=False)
-    with pytest.raises(UnsupportedPromptError, match="Families that can: diffews, sine"):
+    with pytest.raises(UnsupportedPromptError, match="Families that can: diffews, odise, sine"):
         clipseg.save_prompt_embedding([], tmp_path / "x.safetensors")
     with pytest.raises(UnsupportedPromptError, match="cannot save or load"):
         clipseg.load_prompt_embedding(other)

@@ -13,7 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["mask_prob_mean", "semantic_map", "instance_topk", "panoptic_inference"]
+__all__ = [
+    "mask_prob_mean",
+    "semantic_map",
+    "semantic_scores",
+    "instance_topk",
+    "panoptic_inference",
+]
 
 SCORE_EPS = 1e-6  # mask-probability mean denominator
 
@@ -47,6 +53,15 @@ def semantic_map(
         part = torch.einsum("sm,shw->mhw", probs[i : i + chunk], masks.sigmoid())
         total = part if total is None else total + part
     return total
+
+
+def semantic_scores(semantic: Tensor, masks: Tensor) -> Tensor:
+    """Score of each class's semantic mask, in [0, 1]: its semantic map [K, H, W] capped at 1
+    (a pixel claimed by several confident queries counts once) averaged over the mask [K, H, W];
+    0 for an empty mask."""
+    area = masks.flatten(1).sum(1)
+    inside = (semantic.float().clamp(max=1) * masks).flatten(1).sum(1)
+    return torch.where(area > 0, inside / area.clamp(min=1), 0.0)
 
 
 def instance_topk(

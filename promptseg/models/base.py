@@ -149,18 +149,33 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def models_with(capabilities: set[str]) -> str:
+    """The architectures that have every one of `capabilities`, those with released weights
+    marked, for error messages (test models left out)."""
+    from ..zoo import list_models, model_info
+
+    names = []
+    for name in list_models():
+        card = model_info(name)
+        if "." in name or name.startswith("test_") or not capabilities <= card.capabilities:
+            continue
+        names.append(f"{name} (released weights)" if card.weights else name)
+    return ", ".join(names) or "none yet"
+
+
 class PromptSegModel(nn.Module, ABC):
     """Base of every family; subclasses implement encode_image/encode_prompt/decode/postprocess.
 
     Class attributes a family sets: `levels` (its output levels, default first; "all" = every
-    one from one pass), `default_threshold` (when the card has none), `fp32_modules` (submodules
-    kept in float32 whatever dtype the model is cast to), `image_cache_size` (encoded images kept
-    per (image, input), 0 = none), `input_component` (input name -> the submodule its pixels feed,
-    whose dtype they take).
+    one from one pass), `default_threshold` (when the card has none) and `threshold_meaning` (what
+    it is compared with, in words), `fp32_modules` (submodules kept in float32 whatever dtype the
+    model is cast to), `image_cache_size` (encoded images kept per (image, input), 0 = none),
+    `input_component` (input name -> the submodule its pixels feed, whose dtype they take).
     """
 
     levels: ClassVar[tuple[str, ...]] = ()
     default_threshold: ClassVar[float | None] = None
+    threshold_meaning: ClassVar[str] = "minimum mask probability of a pixel"
     fp32_modules: ClassVar[tuple[str, ...]] = ()
     image_cache_size: ClassVar[int] = 0
     input_component: ClassVar[dict[str, str]] = {}
@@ -315,16 +330,11 @@ class PromptSegModel(nn.Module, ABC):
             kind = prompt_kind(p)
             missing = _KIND_NEEDS[kind] - self.capabilities
             if missing:
-                from ..zoo import list_models, model_info
-
-                able = [
-                    n for n in list_models(pretrained=True) if missing <= model_info(n).capabilities
-                ]
                 raise UnsupportedPromptError(
                     f"{self.card.name} cannot take a {type(p).__name__} ({kind} prompt); "
                     "it supports "
                     f"{sorted(self.capabilities & set().union(*_KIND_NEEDS.values()))}. "
-                    f"Models that take {kind} prompts: {', '.join(able) or 'none yet'}"
+                    f"Models that take {kind} prompts: {models_with(missing)}"
                 )
         return prompts
 
@@ -332,11 +342,8 @@ class PromptSegModel(nn.Module, ABC):
         self, frames: Sequence[ImageInput], first_mask: MaskInput
     ) -> Iterator[torch.Tensor]:
         """Label maps int64 [H, W] per frame, objects numbered as in `first_mask` (frame 0)."""
-        from ..zoo import list_models
-
-        able = ", ".join(list_models(pretrained=True, capability="video")) or "none yet"
         raise UnsupportedPromptError(
-            f"{self.card.name} does not segment videos; models that do: {able}"
+            f"{self.card.name} does not segment videos; models that do: {models_with({'video'})}"
         )
 
     def check_level(self, level: Any) -> str:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..backbones.open_clip_vit import OpenCLIPText
 from ..imageio import load_image, load_mask
-from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, VisualPrompt
+from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, VisualPrompt, reference_label
 from ..registry import register_model
 from ..result import SegmentationResult
 from ..transforms import resize_logits, resize_mask
@@ -203,5 +203,5 @@ def _label(p: Prompt, i: int) -> str:
     if isinstance(p, TextPrompt):
         return p.text
     if isinstance(p, MixedPrompt):
-        return f"{p.text.text} + reference {i}"
-    return f"reference {i}"
+        return f"{p.text.text} + {reference_label(i)}"
+    return reference_label(i)

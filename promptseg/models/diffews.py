@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..imageio import load_image, load_mask
 from ..layers.kv_bank import KVBank, kv_bank_processors
 from ..prompt_files import read_prompt_file, tensors_sha256, warn_other_model
-from ..prompts import Prompt, SupportSet, VisualPrompt
+from ..prompts import Prompt, SupportSet, VisualPrompt, reference_label
 from ..registry import lookup, register_model
 from ..result import SegmentationResult
 from ..transforms import resize_logits, resize_mask
@@ -99,6 +99,7 @@ class DiffewS(PromptSegModel):
 
     levels = ("semantic",)
     default_threshold = 0.25  # relative: tau_r x the map's maximum
+    threshold_meaning = "relative: a pixel is kept above this fraction of the decoded map's maximum"
     fp32_modules = ("vae",)
     input_component = {"default": "vae"}
     image_cache_size = 2
@@ -327,7 +328,7 @@ class DiffewS(PromptSegModel):
         return SegmentationResult(
             masks=masks,
             scores=scores.float(),
-            labels=[f"support set {i}" for i in range(n)],
+            labels=[reference_label(i) for i in range(n)],
             prompt_index=torch.arange(n),
             level=[level] * n,
             logits=raw.mean(dim=1).float().cpu() if return_logits else None,

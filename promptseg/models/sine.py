@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..heads.mask_inference import instance_topk, semantic_map
+from ..heads.mask_inference import instance_topk, semantic_map, semantic_scores
 from ..heads.mformer import (
     PooledTokens,
     id_scores,
@@ -37,7 +37,7 @@ from ..heads.mformer import (
 )
 from ..imageio import content_hash, load_image, load_mask
 from ..prompt_files import warn_other_model
-from ..prompts import Prompt, SupportSet, VisualPrompt
+from ..prompts import Prompt, SupportSet, VisualPrompt, reference_label
 from ..registry import register_model
 from ..result import SegmentationResult
 from ..transforms import crop_resize, resize_logits, resize_mask
@@ -75,6 +75,7 @@ class SINE(SINEVideo, PromptSegModel):
 
     levels = ("semantic", "instance", "identity", "all")
     default_threshold = 0.7  # official semantic-map threshold
+    threshold_meaning = "minimum of the semantic map (class x mask probability summed over queries)"
     image_cache_size = 2  # whole target features (~72 MB each for ViT-L at 896)
     reference_cache_size = 4096  # pooled (sum, count) entries, ~1 KB each at C = 256
 
@@ -321,8 +322,7 @@ class SINE(SINEVideo, PromptSegModel):
             )  # [M, canvas, canvas]
             sem = crop_resize(sem, valid, size)
             masks, classes = sem > thr, tokens.classes
-            scores = sem.flatten(1).amax(dim=1)
-            labels = [f"class {int(c)}" for c in classes]
+            scores = semantic_scores(sem, masks)
         elif level == "instance":
             scores, cls, _, logits = instance_topk(
                 out["pred_logits"],
@@ -332,12 +332,18 @@ class SINE(SINEVideo, PromptSegModel):
             )
             keep = scores > 0.0  # an empty mask scores 0: never returned
             masks, scores, classes = logits[keep] > 0, scores[keep], tokens.classes[cls[keep]]
-            labels = [f"class {int(c)}" for c in classes]
         else:
             logits = crop_resize(resize_logits(out["pred_id_masks"], (canvas, canvas)), valid, size)
             masks, classes = logits > 0, tokens.ids
             scores = id_scores(out["pred_id_logits"], logits)
-            labels = [f"object {int(c)}" for c in classes]
+        if level == "identity":
+            several = tokens.ids.unique().numel() > 1
+            labels = [
+                reference_label(index, object_id=int(c) if several else None) for c in classes
+            ]
+        else:
+            several = tokens.classes.unique().numel() > 1
+            labels = [reference_label(index, class_id=int(c) if several else None) for c in classes]
         n = len(masks)
         return (
             masks,

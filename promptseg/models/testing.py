@@ -22,7 +22,7 @@ import torch
 from scipy import ndimage
 
 from ..imageio import ImageInput, MaskInput, load_image, load_label_map, load_mask
-from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, Vocabulary
+from ..prompts import MixedPrompt, Prompt, SupportSet, TextPrompt, Vocabulary, reference_label
 from ..registry import register_model
 from ..result import SegmentationResult
 from ..testing.colors import class_color
@@ -112,7 +112,7 @@ class ColorKey(PromptSegModel):
             entry = groups.setdefault(
                 key,
                 dict(
-                    label=f"class {shot.class_id}",
+                    label=None,  # a reference: labelled by its prompt's position (postprocess)
                     class_id=shot.class_id,
                     object_id=shot.object_id,
                     colors=[],
@@ -152,7 +152,16 @@ class ColorKey(PromptSegModel):
         masks, labels, index, classes, level_of = [], [], [], [], []
         for lvl in levels:
             for i, pairs in enumerate(raw):
+                several_classes = len({e["class_id"] for e, _ in pairs}) > 1
+                several_objects = len({e["object_id"] for e, _ in pairs}) > 1
                 for entry, mask in pairs:
+                    label = entry["label"] or reference_label(
+                        i,
+                        class_id=entry["class_id"] if several_classes else None,
+                        object_id=entry["object_id"]
+                        if lvl == "identity" and several_objects
+                        else None,
+                    )
                     parts = [mask]
                     if lvl == "instance" or (lvl == "panoptic" and entry.get("isthing", True)):
                         parts = _components(mask)
@@ -160,7 +169,7 @@ class ColorKey(PromptSegModel):
                         if lvl != "semantic" and not part.any():
                             continue
                         masks.append(part)
-                        labels.append(entry["label"])
+                        labels.append(label)
                         index.append(i)
                         level_of.append(lvl)
                         classes.append(

@@ -195,21 +195,52 @@ def optimiser_step(
     return float(norm)
 
 
-def trainable_model(config: TrainConfig, frozen: str) -> Any:
-    """The configured model in training mode, its submodule `frozen` (an encoder, a VAE) without
-    gradients and in eval mode."""
+def configured_model(config: TrainConfig) -> Any:
+    """The model a training config names (its weights, device and config overrides)."""
     from ..zoo import create_model
 
-    model = create_model(
+    return create_model(
         config.model,
         pretrained=config.pretrained,
         checkpoint_path=config.checkpoint,
         device=config.device,
         config=config.model_config or None,
     )
+
+
+def trainable_model(config: TrainConfig, frozen: str) -> Any:
+    """The configured model in training mode, its submodule `frozen` (an encoder, a VAE) without
+    gradients and in eval mode."""
+    model = configured_model(config)
     model.train()
     getattr(model, frozen).requires_grad_(False).eval()
     return model
+
+
+STATE_FILE = "train_state.pt"  # in the run's `out` folder: what `resume: true` continues from
+
+
+def save_train_state(
+    path: Path, *, step: int, rng: np.random.Generator, generator: torch.Generator, **parts: Any
+) -> None:
+    """What `resume: true` continues from: each part's state_dict (optimiser, schedule, ...; a
+    plain dict is stored as it is), the numpy and torch random states and the next step."""
+    state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in parts.items()}
+    state.update(rng=rng.bit_generator.state, generator=generator.get_state(), step=step)
+    torch.save(state, path)
+
+
+def load_train_state(
+    path: Path, *, rng: np.random.Generator, generator: torch.Generator, **parts: Any
+) -> tuple[int, dict[str, Any]]:
+    """Restore a save_train_state file into `parts` (objects with load_state_dict) and the
+    random states; returns (the step to continue from, the whole state for the rest)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    rng.bit_generator.state = state["rng"]
+    generator.set_state(state["generator"])
+    return int(state["step"]), state
 
 
 def run_from_file(
@@ -226,4 +257,13 @@ def run_from_file(
     losses = train(config)
     if not losses:
         return f"nothing to train: already at step {config.steps}; weights in {config.out}"
-    return f"{len(losses)} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; weights in {config.out}"
+    return f"{len(losses)} steps, {loss_trend(losses)}; weights in {config.out}"
+
+
+def loss_trend(losses: list[float], window: int = 5) -> str:
+    """'loss A -> B' with A, B the means of the first and last `window` steps (one step's loss
+    is noisy: a single pair or episode)."""
+    n = max(1, min(window, len(losses) // 2))  # the two windows never overlap
+    first, last = sum(losses[:n]) / n, sum(losses[-n:]) / n
+    span = f" (mean of the first / last {n} steps)" if n > 1 else ""
+    return f"loss {first:.3f} -> {last:.3f}{span}"

@@ -35,17 +35,18 @@ from tqdm import tqdm
 from ..errors import DatasetLayoutError
 from ..registry import register_trainer
 from .common import (
+    STATE_FILE,
     CocoInstances,
     TrainConfig,
+    load_train_state,
     lr_factor,
     optimiser_step,
     run_from_file,
+    save_train_state,
     trainable_model,
 )
 
 __all__ = ["DiffewSTrainConfig", "EpisodeSampler", "episode_loss", "train_diffews"]
-
-STATE_FILE = "train_state.pt"
 
 
 @dataclass
@@ -175,14 +176,15 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
     if config.resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
-        model.load_state_dict(state["model"])
+        start, _ = load_train_state(
+            state_path,
+            rng=rng,
+            generator=generator,
+            model=model,
+            optimiser=optimiser,
+            schedule=schedule,
+        )
         model.train()
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        rng.bit_generator.state = state["rng"]
-        generator.set_state(state["generator"])
-        start = int(state["step"])
     sampler = EpisodeSampler(data, config.shots, rng)
     losses = []
     bar = tqdm(range(start, config.steps), desc="train diffews", disable=not progress or None)
@@ -198,16 +200,14 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
         bar.set_postfix(loss=f"{total:.4f}", grad_norm=f"{norm:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "rng": rng.bit_generator.state,
-                    "generator": generator.get_state(),
-                    "step": step + 1,
-                },
+            save_train_state(
                 state_path,
+                step=step + 1,
+                rng=rng,
+                generator=generator,
+                model=model,
+                optimiser=optimiser,
+                schedule=schedule,
             )
     model.eval()
     return losses

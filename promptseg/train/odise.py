@@ -65,7 +65,15 @@ from ..models.odise import PHOTO_TEMPLATE, max_over_synonyms
 from ..prompts import Vocabulary
 from ..registry import register_trainer
 from ..vocabularies import PRESETS
-from .common import TrainConfig, pil_resize, run_from_file
+from .common import (
+    STATE_FILE,
+    TrainConfig,
+    configured_model,
+    load_train_state,
+    pil_resize,
+    run_from_file,
+    save_train_state,
+)
 
 __all__ = [
     "ODISETrainConfig",
@@ -88,7 +96,6 @@ __all__ = [
     "train_from_file",
 ]
 
-STATE_FILE = "train_state.pt"
 SIZE_DIVISIBILITY = 64  # ODISE pads its input to multiples of 64
 IMAGE_PAD = 128  # detectron2 FixedSizeCrop's image padding value (ODISE keeps the default)
 LR_DROP = 0.1  # the step schedule's values 1, 0.1, 0.01
@@ -758,15 +765,7 @@ def frozen_modules(model: Any) -> dict[str, nn.Module]:
 def training_model(config: ODISETrainConfig) -> Any:
     """The configured ODISE in training mode with its frozen parts frozen (and, built from
     scratch, `null_embed` set to CLIP's embedding of "" as the reference initialises it)."""
-    from ..zoo import create_model
-
-    model = create_model(
-        config.model,
-        pretrained=config.pretrained,
-        checkpoint_path=config.checkpoint,
-        device=config.device,
-        config=config.model_config or None,
-    )
+    model = configured_model(config)
     if getattr(model.card, "family", None) != "odise":
         raise ValueError(
             f"`promptseg train odise` trains ODISE models; {config.model!r} is a "
@@ -866,15 +865,16 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
     if config.resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        start, state = load_train_state(
+            state_path,
+            rng=rng,
+            generator=generator,
+            optimiser=optimiser,
+            schedule=schedule,
+            scaler=scaler,
+            sampler=sampler,
+        )
         load_trainable_state(model, state["trainable"], state_path)
-        optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
-        rng.bit_generator.state = state["rng"]
-        generator.set_state(state["generator"])
-        sampler.load_state_dict(state["sampler"])
-        start = int(state["step"])
         for group in optimiser.param_groups:  # this run's schedule, `steps` may have changed
             group["lr"] = group["initial_lr"] * factor(start)
     micro_batches = config.batch_size // config.micro_batch
@@ -906,18 +906,16 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.3f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-            torch.save(
-                {
-                    "trainable": trainable_state(model),
-                    "optimiser": optimiser.state_dict(),
-                    "schedule": schedule.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng.bit_generator.state,
-                    "generator": generator.get_state(),
-                    "sampler": sampler.state_dict(),
-                    "step": step + 1,
-                },
+            save_train_state(
                 state_path,
+                step=step + 1,
+                rng=rng,
+                generator=generator,
+                trainable=trainable_state(model),
+                optimiser=optimiser,
+                schedule=schedule,
+                scaler=scaler,
+                sampler=sampler,
             )
     model.eval()
     return losses
