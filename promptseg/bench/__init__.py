@@ -1,1 +1,1 @@
-"""The benchmark harness: `promptseg eval ...` runs and `promptseg bench ...` tools (spec §5)."""
+"""The benchmark harness: `promptseg eval ...` runs and `promptseg bench ...` tools."""

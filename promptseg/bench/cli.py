@@ -1,4 +1,4 @@
-"""`promptseg eval ...` and `promptseg bench ...` sub-commands (benchmarks.md §5.1).
+"""`promptseg eval ...` and `promptseg bench ...` sub-commands (see benchmarks/README.md).
 
 Every `eval` command is one row of `EVALS`: its options, the eval function they feed and the
 summary line it prints; `cmd_eval` and `_add_eval` serve them all.
@@ -7,8 +7,12 @@ summary line it prints; `cmd_eval` and `_add_eval` serve them all.
 from __future__ import annotations
 
 import argparse
+import functools
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["EVALS", "add_commands"]
@@ -64,7 +68,11 @@ class EvalCommand:
 FSS_DATASET = _arg(
     "--dataset", required=True, choices=["pascal5i", "coco20i", "fss1000", "lvis92i"]
 )
-SPLITS_DIR = _arg("--splits-dir", help="a folder laid out like hsnet's data/splits/")
+SPLITS_DIR = _arg(
+    "--splits-dir",
+    help="a folder laid out like hsnet's data/splits/ (default: the data root's splits/ folder "
+    "if it has one, as `bench make-mini` writes, else downloaded into the cache)",
+)
 SEED = _arg("--seed", type=int, default=0)
 TRUST_PICKLE = _arg(
     "--trust-pickle",
@@ -88,6 +96,11 @@ COMMON = (
     ),
     _arg("--out", default="runs", help="results root (default ./runs)"),
     _arg("--resume", action="store_true", help="continue an interrupted run"),
+    _arg(
+        "--overwrite",
+        action="store_true",
+        help="replace the result.json of a finished run (without it, an existing one is an error)",
+    ),
 )
 """Options every `eval` command takes, after its own."""
 
@@ -278,6 +291,50 @@ EVALS: dict[str, EvalCommand] = {
 """`promptseg eval NAME` -> its command, in the order `promptseg eval --help` lists them."""
 
 
+Command = Callable[[argparse.Namespace], int]
+
+
+def _warnings_as_lines(command: Command) -> Command:
+    """Print promptseg's own warnings once each, as one `promptseg CMD: warning: TEXT` line
+    (not in the warnings module's format, with a source line, once per place that warned)."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        name = " ".join(x for x in (args.command, getattr(args, "benchmark", None)) if x)
+        name = " ".join(x for x in (name, getattr(args, "tool", None)) if x)
+        seen: set[str] = set()
+        show = warnings.showwarning
+
+        def show_line(
+            message: Warning | str,
+            category: type[Warning],
+            filename: str,
+            lineno: int,
+            file: IO[str] | None = None,
+            line: str | None = None,
+        ) -> None:
+            if not _from_promptseg(category, filename):
+                show(message, category, filename, lineno, file, line)
+            elif str(message) not in seen:
+                seen.add(str(message))
+                print(f"promptseg {name}: warning: {message}", file=sys.stderr, flush=True)
+
+        with warnings.catch_warnings():
+            warnings.showwarning = show_line
+            return command(args)
+
+    return run
+
+
+def _from_promptseg(category: type[Warning], filename: str) -> bool:
+    """A warning of a promptseg class, or raised from promptseg's code."""
+    package = Path(__file__).resolve().parents[1]
+    return category.__module__.startswith("promptseg") or Path(filename).resolve().is_relative_to(
+        package
+    )
+
+
+@_warnings_as_lines
 def cmd_eval(args: argparse.Namespace) -> int:
     """Load the model, call the benchmark's eval function per run, print each summary line."""
     import importlib
@@ -323,9 +380,8 @@ EPISODES_OPTIONS = (
 """`bench episodes`: the options, and the keyword arguments of `episodes_tsv` they become."""
 
 
+@_warnings_as_lines
 def cmd_bench_episodes(args: argparse.Namespace) -> int:
-    import sys
-
     from .tools import episodes_tsv
 
     digest, n = episodes_tsv(**_keywords(args, EPISODES_OPTIONS))
@@ -338,9 +394,8 @@ def cmd_bench_episodes(args: argparse.Namespace) -> int:
     return 0
 
 
+@_warnings_as_lines
 def cmd_bench_verify_splits(args: argparse.Namespace) -> int:
-    import sys
-
     from .tools import format_verify_table, verify_splits
 
     rows = verify_splits(args.splits_dir, data_root=args.data_root)
@@ -387,6 +442,10 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
         print(f"[{i}/{len(commands)}] promptseg {' '.join(argv + extra)}", flush=True)
         if not args.dry_run and _run_promptseg([*argv, *extra]) != 0:
             failed += 1
+    if args.dry_run:
+        evals = f"{len(commands)} eval{'s' * (len(commands) != 1)}"
+        print(f"would run {evals} (dry run: nothing was run)")
+        return 0
     print(f"{len(commands) - failed} of {len(commands)} runs succeeded")
     return 1 if failed else 0
 
@@ -453,11 +512,20 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
     p = bench.add_parser("report", help="Comparison table of result.json files vs reference.")
     p.add_argument("results", nargs="+", help="result.json files (or folders searched for them)")
-    p.add_argument("--reference", help="reference.yaml (default: benchmarks/reference.yaml)")
+    p.add_argument(
+        "--reference",
+        help="published numbers to compare with (default: the reference.yaml shipped with "
+        "promptseg, promptseg/bench/reference.yaml)",
+    )
     p.add_argument("--format", choices=["md", "csv", "json"], default="md")
     p.add_argument("--chart", help="PNG bar chart path (default: report.png in the runs folder)")
     p.add_argument("--output", "-o", help="write the table here instead of stdout")
-    p.add_argument("--gate", action="store_true", help="exit 1 if a reference.yaml gate fails")
+    p.add_argument(
+        "--gate",
+        action="store_true",
+        help="exit 1 if a reproduced value misses its reference value's tolerance, or if no "
+        "value could be checked",
+    )
     p.set_defaults(func=cmd_bench_report)
 
     p = bench.add_parser("run", help="Run every eval of a suite file (benchmarks/suites/*.yaml).")

@@ -1,8 +1,8 @@
-"""`promptseg eval fsis`: few-shot instance segmentation, COCO-NOVEL and COCO2VOC (§1.5, §2.5).
+"""`promptseg eval fsis`: few-shot instance segmentation, COCO-NOVEL and COCO2VOC.
 
 Per (K, seed): the support set is every shot record (one image + ONE annotation, class_id = its
 COCO category id), each test image (ascending id) is segmented at level "instance", detections
-(RLE at original size, no `bbox`, P14) go to `coco_mask_ap` restricted to the novel category ids.
+(RLE at original size, no `bbox`) go to `coco_mask_ap` restricted to the novel category ids.
 The support set is encoded once per seed and reused for every test image. The dataset number is
 the mean over seeds of the per-seed APs. Each finished seed keeps its detections in
 `seed<S>/segm_results.json` (the COCOeval input); `--resume` reuses them and continues the seed
@@ -26,6 +26,7 @@ from .runner import (
     encode_prompts,
     environment,
     model_record,
+    prepare_run_dir,
     run_dir,
     write_json,
     write_result,
@@ -143,13 +144,14 @@ def eval_fsis(
     images: int | None = None,
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every seed (resumable per seed); writes result.json with the mean AP."""
     if dataset not in FSIS_DATASETS:
         raise ValueError(f"--dataset must be one of {FSIS_DATASETS}, got {dataset!r}")
     seed_list = parse_seeds(seeds)
     directory = run_dir(out, "fsis", dataset, None, shots, model.card.name)
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     per_seed: list[dict[str, Any]] = []
     seed_files: list[dict[str, Any]] = []
     total_s = 0.0

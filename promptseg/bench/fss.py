@@ -2,7 +2,7 @@
 
 Episodes come from `promptseg.data.episodes` (the reference stream, digest recorded); each
 episode's query is segmented with a SupportSet of its shots and scored with hsnet's mIoU/FB-IoU
-at the protocol resolution (GT nearest-resized, benchmarks.md P1) or at the original size.
+at the protocol resolution (GT nearest-resized like the reference code) or at the original size.
 `workers` threads read the episodes' images ahead of the model; the support sets of `batch_size`
 consecutive episodes are encoded in one `encode_prompt` call, each query is then decoded alone
 against its own support set (`decode` takes one image).
@@ -31,6 +31,7 @@ from .runner import (
     environment,
     model_record,
     prefetch,
+    prepare_run_dir,
     run_dir,
     write_result,
 )
@@ -61,7 +62,7 @@ def _fold_label(data: FewShotDataset) -> int | str:
 
 
 def reference_episodes(data: FewShotDataset, seed: int, n_episodes: int) -> bool:
-    """Seed 0, the whole stream and (P20) a split list byte-identical to upstream's (§1.12).
+    """Seed 0, the whole stream and a split list byte-identical to upstream's (hsnet's).
 
     LVIS-92i's pickle has no published sha256: only seed and length decide (its hash is recorded).
     """
@@ -88,6 +89,7 @@ def eval_fss(
     workers: int = 0,
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
     save_preds: bool = False,
     trust_pickle: bool = False,
 ) -> dict[str, Any]:
@@ -106,7 +108,7 @@ def eval_fss(
     # a non-default threshold is another run of the same model: its own folder (threshold sweeps)
     name = model.card.name if threshold is None else f"{model.card.name}@t{threshold:g}"
     directory = run_dir(out, "fss", dataset, fold_label, shots, name)
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     (directory / "episodes.tsv").write_text(serialize_episodes(eps), encoding="utf-8")
     evaluator = FewShotSegEvaluator(data.class_ids)
     key = f"{digest}|{size}|{threshold}"
@@ -186,7 +188,7 @@ def _encoded(
 
 
 def _at(mask: np.ndarray | None, size: tuple[int, int] | None) -> np.ndarray | None:
-    """GT (or ignore) mask at the protocol resolution, torch legacy nearest (P1)."""
+    """GT (or ignore) mask at the protocol resolution, torch legacy nearest."""
     if mask is None or size is None:
         return mask
     return resize_mask(torch.from_numpy(mask), size).numpy()

@@ -1,15 +1,15 @@
-"""`promptseg eval ovseg`: open-vocabulary PQ / mask AP / mIoU (ODISE protocol, §1.7-1.9).
+"""`promptseg eval ovseg`: open-vocabulary PQ / mask AP / mIoU (ODISE protocol).
 
 One vocabulary per dataset (its class names and thing flags), images in ascending file name
-(§2.5). Per image the model segments ONCE at level "all" (a Mask2Former-like family yields every
+order. Per image the model segments ONCE at level "all" (a Mask2Former-like family yields every
 level from one set of mask logits); each task reads the masks of its level from that result:
 
 - `pq`   level "panoptic": id map + segments_info written as panopticapi PNG + JSON, scored with
-         `pq_compute` (GT JSON areas, P13); per-category tp/fp/fn/iou_sum kept as accumulators.
+         `pq_compute` (GT JSON areas); per-category tp/fp/fn/iou_sum kept as accumulators.
 - `miou` level "semantic": label map (pixels no mask covers get an extra "<none>" class that is
          never in the GT, so they count as misses of the true class and never as a hit) into
          detectron2's SemSegEvaluator; the (K+2)² confusion matrix is saved as .npy.
-- `ap`   level "instance": COCO RLE detections with dataset category ids (no `bbox`, P14) into
+- `ap`   level "instance": COCO RLE detections with dataset category ids (no `bbox`) into
          `coco_mask_ap`, only when the dataset's instances JSON exists.
 
 Vocabulary index k maps to the dataset category of index k: panoptic categories in file order
@@ -35,6 +35,7 @@ from .runner import (
     Progress,
     environment,
     model_record,
+    prepare_run_dir,
     run_dir,
     write_json,
     write_result,
@@ -164,6 +165,7 @@ def eval_ovseg(
     images: int | None = None,
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one dataset; writes result.json (and the prediction files) and returns it."""
     wanted = _parse_tasks(tasks)
@@ -181,7 +183,7 @@ def eval_ovseg(
     items = data.items[:images] if images is not None else data.items
 
     directory = run_dir(out, "ovseg", dataset, None, None, model.card.name)
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     pred_dir = directory / "panoptic_pred"
 
     k = data.semseg.num_classes if data.semseg is not None else 0

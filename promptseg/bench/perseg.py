@@ -1,4 +1,4 @@
-"""`promptseg eval perseg`: one-shot personalised segmentation on PerSeg (benchmarks.md §3.7).
+"""`promptseg eval perseg`: one-shot personalised segmentation on PerSeg.
 
 Per object, the reference image `00` and its mask are the prompt (one `VisualPrompt`); every other
 image of the object is segmented at its original size (Personalize-SAM scores its output masks
@@ -26,6 +26,7 @@ from .runner import (
     Progress,
     environment,
     model_record,
+    prepare_run_dir,
     run_dir,
     write_result,
 )
@@ -45,6 +46,7 @@ def eval_perseg(
     data_root: str | Path,
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
     save_preds: bool = False,
 ) -> dict[str, Any]:
     """Run PerSeg and write result.json (metrics ×100); returns the result dict."""
@@ -53,7 +55,7 @@ def eval_perseg(
     items = data.items()
     digest = _items_digest(items)
     directory = run_dir(out, "perseg", "perseg", None, 1, model.card.name)
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     evaluator = PerSegEvaluator(objects)
     progress = Progress(directory, resume=resume, key=f"perseg|{digest}")
     if progress.state is not None:

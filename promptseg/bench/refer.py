@@ -1,8 +1,8 @@
 """`promptseg eval refer`: referring segmentation on PhraseCut test with CLIPSeg's metrics.
 
-Samples are sorted by (image_id, j) (benchmarks.md §2.5); per image, all its phrases go to the
-model in ONE `segment` call with logits kept. Scoring follows §1.10 / §3.6: the GT (union of the
-task's polygons) is nearest-resized to the scoring size (352x352, or the model's eval_resolution);
+Samples are sorted by (image_id, j); per image, all its phrases go to the model in ONE
+`segment` call with logits kept. Scoring follows CLIPSeg's evaluation: the GT (union of the task's
+polygons) is nearest-resized to the scoring size (352x352, or the model's eval_resolution);
 the probability map sigmoid(logits) is resized bilinearly (align_corners=True) to that size;
 `FixedIntervalMetrics` counts per sample (class id = the sample, so mIoU is the mean per-phrase IoU
 and IoU_FG the cumulative IoU). Fixed thresholds give the paper numbers; the best threshold over
@@ -27,6 +27,7 @@ from .runner import (
     Progress,
     environment,
     model_record,
+    prepare_run_dir,
     run_dir,
     write_result,
 )
@@ -88,6 +89,7 @@ def eval_refer(
     thresholds: str | Sequence[float] = "paper",
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run PhraseCut test and write result.json (metrics x100); returns the result dict."""
     if dataset not in REFER_DATASETS:
@@ -98,7 +100,7 @@ def eval_refer(
     images = _by_image(samples)
     size = protocol_resolution(model, "model") or DEFAULT_SIZE
     directory = run_dir(out, "refer", dataset, None, None, model.card.name)
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     metric = FixedIntervalMetrics(sigmoid=True, resize_pred=True)
     key = f"refer|{dataset}|{size}|{len(samples)}|{images[0][0] if images else ''}"
     progress = Progress(directory, resume=resume, key=key)

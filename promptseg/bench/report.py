@@ -1,11 +1,11 @@
-"""`promptseg bench report`: side-by-side table of result.json files against reference.yaml (§5.2).
+"""`promptseg bench report`: side-by-side table of result.json files against reference.yaml.
 
 Rows are keyed by (benchmark, dataset, split, shots, metric, protocol class). The protocol class
 is what decides whether numbers of different models may share a row: scoring at the model-native
 resolution or at the original size, reference episodes or not, all images or a subset, the
 dataset's vocabulary or another one. Each model's own resolution and threshold are per-cell
 details listed in the row's footnote, so e.g. SINE (518 px, 0.7) and DiffewS (512 px, 0.25) land in
-one row. Folds are aggregated as the mean of the per-fold values (P19), FSIS seeds as the mean of
+one row. Folds are aggregated as the mean of the per-fold values, FSIS seeds as the mean of
 the per-seed APs. A cell is compared with a reference.yaml row only if model, metric, scoring
 resolution, threshold and the fold / seed set all match; a run covering only part of the reference's
 folds or seeds is shown without a delta and marked partial. Best-threshold (oracle) values get rows
@@ -20,7 +20,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,18 +28,24 @@ from typing import Any
 __all__ = [
     "DEFAULT_REFERENCE",
     "Cell",
+    "ChartBar",
+    "ChartLayout",
     "Row",
     "build_rows",
+    "chart_layout",
     "default_chart_path",
     "draw_chart",
     "format_table",
+    "GateCheck",
+    "gate_checks",
     "gate_failures",
     "load_reference",
     "load_results",
     "main_report",
 ]
 
-DEFAULT_REFERENCE = Path("benchmarks") / "reference.yaml"
+DEFAULT_REFERENCE = Path(__file__).with_name("reference.yaml")
+"""The published numbers shipped with promptseg (package data), used without --reference."""
 
 # Headline metrics per benchmark, named as the eval commands write them into result.json.
 # refer: fixed-threshold values are written as `<name>@<t>` (e.g. mIoU@0.3), the best-threshold
@@ -50,6 +56,7 @@ HEADLINE: dict[str, tuple[str, ...]] = {
     "ovseg": ("PQ", "AP", "mIoU"),
     "vos": ("J&F-Mean", "J-Mean", "F-Mean"),
     "refer": ("mIoU", "IoU_FG", "AP"),
+    "perseg": ("mIoU", "mAcc"),
 }
 ORACLE_METRICS = ("mIoU", "IoU_FG")
 ORACLE = "oracle"
@@ -73,6 +80,7 @@ DATASET_LABEL: dict[str, str] = {
     "pc459": "PC-459",
     "pas21": "PAS-21",
     "phrasecut-test": "PhraseCut test",
+    "perseg": "PerSeg",
 }
 
 
@@ -90,6 +98,7 @@ class Cell:
     reported: float | None = None  # matched reference value (full fold / seed coverage only)
     ref_id: str | None = None
     partial: str | None = None  # e.g. "fold 0 of 0–3": no delta
+    whole: list[Any] | None = None  # partial cells: the folds / seeds a complete run covers
 
     def detail(self) -> str:
         """Resolution, threshold (and video memory) of this model's run, for the footnote."""
@@ -188,6 +197,8 @@ def load_reference(path: str | Path | None) -> list[dict[str, Any]]:
         return []
     import yaml
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"reference file {path} not found (bench report --reference)")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # safe either way; libyaml is faster
     data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
     rows = data.get("rows", []) if isinstance(data, Mapping) else data
@@ -512,6 +523,7 @@ def _attach_reference(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]
                 cell.reported = float(entry["value"])
             else:
                 cell.partial = cov
+                cell.whole = list(entry.get("folds" if row.benchmark == "fss" else "seeds") or [])
 
 
 def _row_parts(row: Row) -> list[Any]:
@@ -529,6 +541,7 @@ def _mark_partial(rows: Sequence[Row]) -> None:
                     cell.partial = (
                         f"partial: {kind}s {_fmt_parts(cell.parts)} of {_fmt_parts(covered)}"
                     )
+                    cell.whole = list(covered)
 
 
 def _footnotes(rows: Sequence[Row]) -> None:
@@ -574,8 +587,7 @@ def _cell_text(row: Row, model: str) -> str:
     text = _fmt(cell.value)
     d = row.delta(model)
     if d is not None:
-        sign = "+" if d > 0 else ("−" if d < 0 else "±")
-        text += f" ({sign}{abs(d):.1f})"
+        text += f" ({_signed(d).replace('-', '−')})"
     elif cell.partial:
         text += f" ({cell.partial})"
     return text
@@ -670,10 +682,18 @@ def format_table(rows: Sequence[Row], fmt: str = "md") -> str:
     return "\n".join(lines) + "\n"
 
 
-def gate_failures(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Cells matched to a status-R reference row whose |Δ| exceeds the row's tolerance."""
+@dataclass(frozen=True)
+class GateCheck:
+    """One reproduced value compared with a gated (status R) reference value."""
+
+    text: str  # `COCO-20i mIoU (4-fold mean) [1] sine_dinov2l.coco_ade_o365: Δ -0.20 (id)`
+    passed: bool
+
+
+def gate_checks(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -> list[GateCheck]:
+    """Every cell matched to a status-R reference row with a tolerance, passed if |Δ| <= it."""
     by_id = {str(e.get("id")): e for e in reference}
-    fails = []
+    checks = []
     for r in rows:
         for m, cell in r.cells.items():
             d = r.delta(m)
@@ -681,68 +701,308 @@ def gate_failures(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -
             if d is None or entry is None:
                 continue
             tol = entry.get("tolerance")
-            if entry.get("status") == "R" and tol is not None and abs(d) > float(tol):
-                fails.append(f"{r.label()} {m}: Δ {d:+.2f} > {tol} ({entry.get('id')})")
-    return fails
+            if entry.get("status") == "R" and tol is not None:
+                passed = abs(d) <= float(tol)
+                sign = "<=" if passed else ">"
+                text = f"{r.label()} {m}: Δ {d:+.2f} {sign} {tol} ({entry.get('id')})"
+                checks.append(GateCheck(text, passed))
+    return checks
+
+
+def gate_failures(rows: Sequence[Row], reference: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Cells matched to a status-R reference row whose |Δ| exceeds the row's tolerance."""
+    return [c.text for c in gate_checks(rows, reference) if not c.passed]
 
 
 # ------------------------------------------------------------------------------------------------
 # chart (PIL only)
 
-_COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+_COLORS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
+_PAPER = (120, 120, 120)  # published values
+_GREY = (90, 90, 90)
+_GRID = (225, 225, 225)
+_BAND = (246, 246, 246)
+
+Box = tuple[int, int, int, int]
+Measure = Callable[..., tuple[int, int]]
+"""`measure(text, style="text") -> (width, height)` of a text in pixels."""
 
 
-def draw_chart(rows: Sequence[Row], path: str | Path) -> Path:
-    """Grouped bar chart: per row one bar per model, a black tick at each reported value."""
-    from PIL import Image, ImageDraw, ImageFont
+@dataclass
+class ChartText:
+    """A text drawn at (x, y), its top-left corner."""
 
+    x: int
+    y: int
+    text: str
+    style: str = "text"  # title | text | small
+    color: tuple[int, int, int] = (0, 0, 0)
+
+
+@dataclass
+class ChartBar:
+    """One model's bar of one row: the reproduced value, and the published one beside it."""
+
+    row: int
+    model: str
+    box: Box | None  # (x0, y0, x1, y1); None for a nan value
+    partial: bool  # drawn hatched: fewer folds / seeds than a complete run
+    label: str  # text right of the bar, e.g. "64.3 (-0.2)" or "21.0 (1/4 folds, partial)"
+    paper_box: Box | None = None  # the published value's bar, just below
+    paper_label: str | None = None
+
+
+@dataclass
+class ChartLayout:
+    """Everything `draw_chart` draws, in pixels; sizes follow the measured labels."""
+
+    width: int
+    height: int
+    plot: Box  # the area bars grow in (x0 = value 0, x1 = vmax)
+    vmax: float
+    colors: dict[str, tuple[int, int, int]]
+    texts: list[ChartText] = field(default_factory=list)
+    bars: list[ChartBar] = field(default_factory=list)
+    swatches: list[tuple[Box, str]] = field(default_factory=list)  # legend: box, model or key
+    bands: list[Box] = field(default_factory=list)  # row backgrounds
+    ticks: list[tuple[int, str]] = field(default_factory=list)  # (x, label) of the value axis
+
+
+_SIZES = {"title": 18, "text": 13, "small": 11}
+_CHART_TITLE = "Reproduced vs published results"
+_AXIS_LABEL = "score (the row's metric, x100; higher is better)"
+_PLOT_W, _BAR_H, _PAPER_H, _PAD = 460, 14, 8, 16
+
+
+def _fonts() -> dict[str, Any]:
+    """DejaVu Sans if installed, else Pillow's own font (scalable from Pillow 10.1 on)."""
+    from PIL import ImageFont
+
+    fonts: dict[str, Any] = {}
+    for style, size in _SIZES.items():
+        name = "DejaVuSans-Bold.ttf" if style == "title" else "DejaVuSans.ttf"
+        try:
+            fonts[style] = ImageFont.truetype(name, size)
+        except OSError:
+            try:
+                fonts[style] = ImageFont.load_default(size=size)
+            except TypeError:  # Pillow < 10.1: one bitmap size
+                fonts[style] = ImageFont.load_default()
+    return fonts
+
+
+def _measure(fonts: Mapping[str, Any]) -> Measure:
+    """The size of a text drawn in one of `fonts`."""
+    from PIL import Image, ImageDraw
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def size(text: str, style: str = "text") -> tuple[int, int]:
+        width = draw.textbbox((0, 0), text or " ", font=fonts[style])[2]
+        height = draw.textbbox((0, 0), "Hg", font=fonts[style])[3]
+        return int(math.ceil(width)), int(math.ceil(height))
+
+    return size
+
+
+def _signed(v: float) -> str:
+    """+0.3 / -0.3 / ±0.0, the sign of the value as rounded to one decimal."""
+    v = round(v, 1)
+    return f"{'+' if v > 0 else '-' if v < 0 else '±'}{abs(v):.1f}"
+
+
+def _bar_label(row: Row, model: str) -> str:
+    """The value, its difference to the published one, or how much of the run is there."""
+    cell = row.cells[model]
+    text = _fmt(cell.value)
+    d = row.delta(model)
+    if d is not None:
+        return f"{text} ({_signed(d)} vs paper)"
+    if cell.partial:
+        kind = PART_KIND.get(row.benchmark, "part")
+        if cell.whole:
+            return f"{text} ({len(cell.parts)}/{len(cell.whole)} {kind}s, partial)"
+        return f"{text} (partial)"
+    return text
+
+
+def _row_title(row: Row) -> str:
+    shots = "" if row.shots is None else f", {row.shots}-shot"
+    return f"{row.label()}{shots}"
+
+
+def _wrap(text: str, width: int, size: Measure, style: str) -> list[str]:
+    """Greedy word wrap of `text` to `width` pixels."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and size(f"{lines[-1]} {word}", style)[0] <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def chart_layout(rows: Sequence[Row], measure: Measure | None = None) -> ChartLayout:
+    """Where every text and bar of the report chart goes (horizontal bars, one group per row).
+
+    `measure(text, style) -> (w, h)`: text size in pixels (default: the chart's fonts).
+    """
+    size = measure or _measure(_fonts())
     models = _models(rows)
     colors = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(models)}
-    bar, gap, left, top, plot_h = 14, 18, 50, 30, 260
-    group_w = bar * max(len(models), 1) + gap
-    width = max(left + group_w * max(len(rows), 1) + 20, 360)
-    height = top + plot_h + 40 + 14 * len(rows) + 16 * (len(models) + 1)
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
     values = [c.value for r in rows for c in r.cells.values() if not math.isnan(c.value)]
     values += [c.reported for r in rows for c in r.cells.values() if c.reported is not None]
     vmax = max([100.0 if max(values, default=0) > 1 else 1.0, *values])
-    base_y = top + plot_h
+    line_h = size("Hg")[1] + 3
+    small_h = size("Hg", "small")[1] + 2
 
-    def y_of(v: float) -> float:
-        return base_y - max(0.0, min(v / vmax, 1.0)) * plot_h
+    # widths: row labels | plot | bar labels
+    titles = [_row_title(r) for r in rows]
+    label_w = max(
+        [size(t)[0] for t in titles] + [size(r.protocol, "small")[0] for r in rows] + [120]
+    )
+    bar_texts = [_bar_label(r, m) for r in rows for m in r.cells]
+    bar_texts += [f"paper {_fmt(c.reported)}" for r in rows for c in r.cells.values()]
+    text_w = max([size(t, "small")[0] for t in bar_texts] + [40])
+    x_plot = _PAD + label_w + 12
+    plot_x1 = x_plot + _PLOT_W
+    width = plot_x1 + 8 + text_w + _PAD
+    keys = [(m, m) for m in models]
+    if any(c.reported is not None for r in rows for c in r.cells.values()):
+        keys += [("paper", "published value (same protocol, all folds / seeds)")]
+    if any(c.partial for r in rows for c in r.cells.values()):
+        keys += [("partial", "partial run: fewer folds / seeds, not compared")]
+    widest_key = max([size(text)[0] + 20 for _, text in keys] + [0])
+    width = max(width, size(_CHART_TITLE, "title")[0] + 2 * _PAD, widest_key + 2 * _PAD)
+    layout = ChartLayout(width, 0, (x_plot, 0, plot_x1, 0), vmax, colors)
+    texts = layout.texts
 
-    draw.line([(left, top), (left, base_y), (width - 10, base_y)], fill="black")
-    for frac in (0.0, 0.25, 0.5, 0.75, 1.0):
-        y = base_y - frac * plot_h
-        draw.line([(left - 4, y), (left, y)], fill="black")
-        draw.text((4, y - 6), f"{frac * vmax:.0f}", fill="black", font=font)
-    for i, r in enumerate(rows):
-        x0 = left + 10 + i * group_w
-        for j, m in enumerate(models):
-            cell = r.cells.get(m)
-            if cell is None:
-                continue
-            x = x0 + j * bar
+    # title and legend
+    y = _PAD
+    texts.append(ChartText(_PAD, y, _CHART_TITLE, "title"))
+    y += size(_CHART_TITLE, "title")[1] + 8
+    x = _PAD
+    for key, text in keys:
+        w = 14 + 6 + size(text)[0] + 18
+        if x > _PAD and x + w > width - _PAD:
+            x, y = _PAD, y + line_h + 2
+        layout.swatches.append(((x, y + 2, x + 14, y + 14), key))
+        texts.append(ChartText(x + 20, y, text))
+        x += w
+    y += line_h + 12
+
+    # rows
+    plot_y0 = y
+    for i, row in enumerate(rows):
+        top = y
+        texts.append(ChartText(_PAD, y + 2, titles[i]))
+        texts.append(ChartText(_PAD, y + 2 + line_h, row.protocol, "small", _GREY))
+        yb = y + 4
+        for m in sorted(row.cells):
+            cell = row.cells[m]
+            box = None
             if not math.isnan(cell.value):
-                draw.rectangle([x, y_of(cell.value), x + bar - 2, base_y], fill=colors[m])
+                x1 = x_plot + max(1, round(min(cell.value / vmax, 1.0) * _PLOT_W))
+                box = (x_plot, yb, x1, yb + _BAR_H)
+            bar = ChartBar(i, m, box, cell.partial is not None, _bar_label(row, m))
+            texts.append(ChartText((box[2] if box else x_plot) + 6, yb + 1, bar.label, "small"))
+            yb += _BAR_H + 2
             if cell.reported is not None:
-                y = y_of(cell.reported)
-                draw.line([(x - 1, y), (x + bar - 1, y)], fill="black", width=2)
-        draw.text((x0, base_y + 4), f"{i + 1}", fill="black", font=font)
-    y = base_y + 24
-    for i, r in enumerate(rows):
-        shots = "" if r.shots is None else f", {r.shots}-shot"
-        draw.text((left, y), f"{i + 1}: {r.label()}{shots} · {r.protocol}", fill="black", font=font)
-        y += 14
-    for m in models:
-        draw.rectangle([left, y + 3, left + 10, y + 11], fill=colors[m])
-        draw.text((left + 16, y), m, fill="black", font=font)
-        y += 16
-    draw.line([(left, y + 7), (left + 10, y + 7)], fill="black", width=2)
-    legend = "reported (same protocol, all folds / seeds)"
-    draw.text((left + 16, y), legend, fill="black", font=font)
+                x1 = x_plot + max(1, round(min(cell.reported / vmax, 1.0) * _PLOT_W))
+                bar.paper_box = (x_plot, yb, x1, yb + _PAPER_H)
+                bar.paper_label = f"paper {_fmt(cell.reported)}"
+                texts.append(ChartText(x1 + 6, yb - 3, bar.paper_label, "small", _GREY))
+                yb += _PAPER_H + 4
+            yb += 4
+            layout.bars.append(bar)
+        y = max(yb, y + 2 * line_h + 6) + 4
+        layout.bands.append((_PAD // 2, top, width - _PAD // 2, y))
+    plot_y1 = y
+    layout.plot = (x_plot, plot_y0, plot_x1, plot_y1)
+
+    # value axis: ticks, axis label
+    step = vmax / 5
+    for k in range(6):
+        tick = k * step
+        layout.ticks.append(
+            (x_plot + round(k / 5 * _PLOT_W), f"{tick:.0f}" if vmax > 1 else f"{tick:.1f}")
+        )
+    y = plot_y1 + 6
+    for tx, text in layout.ticks:
+        texts.append(ChartText(tx - size(text, "small")[0] // 2, y, text, "small"))
+    y += small_h + 4
+    texts.append(ChartText(x_plot + (_PLOT_W - size(_AXIS_LABEL)[0]) // 2, y, _AXIS_LABEL))
+    y += line_h + 10
+
+    # footnotes: each model's resolution / threshold per row
+    for note in footnote_lines(rows):
+        for line in _wrap(note, width - 2 * _PAD, size, "small"):
+            texts.append(ChartText(_PAD, y, line, "small", _GREY))
+            y += small_h
+    layout.height = y + _PAD
+    return layout
+
+
+def _hatched(img: Any, box: Box, color: tuple[int, int, int]) -> None:
+    """Fill `box` with diagonal stripes of `color` on a paler tint of it, and outline it."""
+    from PIL import Image, ImageDraw
+
+    x0, y0, x1, y1 = box
+    w, h = max(x1 - x0, 1), max(y1 - y0, 1)
+    tint = tuple(round(255 - 0.3 * (255 - c)) for c in color)  # the colour, paler
+    tile = Image.new("RGB", (w, h), tint)
+    draw = ImageDraw.Draw(tile)
+    for k in range(-h, w, 6):
+        draw.line([(k, h), (k + h, 0)], fill=color, width=2)
+    img.paste(tile, (x0, y0))
+    ImageDraw.Draw(img).rectangle(box, outline=color, width=1)
+
+
+def draw_chart(rows: Sequence[Row], path: str | Path) -> Path:
+    """Horizontal grouped bar chart: per row one bar per model, the published value below it
+    (grey), partial runs hatched; title, legend, value axis and the table's footnotes."""
+    from PIL import Image, ImageDraw
+
+    fonts = _fonts()
+    layout = chart_layout(rows, _measure(fonts))
+    img = Image.new("RGB", (layout.width, layout.height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, band in enumerate(layout.bands):
+        if i % 2 == 0:
+            draw.rectangle(band, fill=_BAND)
+    x0, y0, x1, y1 = layout.plot
+    for tx, _ in layout.ticks:
+        draw.line([(tx, y0), (tx, y1)], fill=_GRID)
+        draw.line([(tx, y1), (tx, y1 + 4)], fill="black")
+    draw.line([(x0, y0), (x0, y1), (x1, y1)], fill="black")
+    for box, key in layout.swatches:
+        if key == "paper":
+            draw.rectangle((box[0], box[1] + 3, box[2], box[3] - 3), fill=_PAPER)
+        elif key == "partial":
+            _hatched(img, box, (60, 60, 60))
+        else:
+            draw.rectangle(box, fill=layout.colors[key])
+    for bar in layout.bars:
+        color = layout.colors[bar.model]
+        if bar.box is not None and bar.partial:
+            _hatched(img, bar.box, color)
+        elif bar.box is not None:
+            draw.rectangle(bar.box, fill=color)
+        if bar.paper_box is not None:
+            draw.rectangle(bar.paper_box, fill=_PAPER)
+    for t in layout.texts:  # em dash: not in every fallback font
+        draw.text((t.x, t.y), t.text.replace("—", "-"), fill=t.color, font=fonts[t.style])
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out, format="PNG")
@@ -771,10 +1031,16 @@ def main_report(
     gate: bool = False,
 ) -> int:
     """`promptseg bench report`: print (or write) the table and write the PNG chart (default
-    `<runs>/report.png`); exit 1 if `gate` and a gate fails."""
-    if reference is None and DEFAULT_REFERENCE.is_file():
+    `<runs>/report.png`); with `gate`, exit 1 unless every gated value is within tolerance and
+    at least one was checked."""
+    if reference is None:
         reference = DEFAULT_REFERENCE
     ref = load_reference(reference)
+    if gate and not ref:
+        raise ValueError(
+            f"--gate: {reference} holds no reference values to gate against; pass --reference "
+            "with a reference.yaml that has `rows:`"
+        )
     loaded = load_results(results)
     if not loaded:
         raise FileNotFoundError(
@@ -789,9 +1055,22 @@ def main_report(
         sys.stdout.write(text)
     chart_path = draw_chart(rows, chart or default_chart_path(results, output))
     print(f"chart: {chart_path}", file=sys.stderr)
-    if gate:
-        fails = gate_failures(rows, ref)
-        for f in fails:
-            print(f"GATE FAILED: {f}", file=sys.stderr)
-        return 1 if fails else 0
+    if not gate:
+        return 0
+    checks = gate_checks(rows, ref)
+    for c in checks:
+        if not c.passed:
+            print(f"GATE FAILED: {c.text}", file=sys.stderr)
+    if not checks:
+        print(
+            f"GATE FAILED: nothing to gate: no result matched a gated (status R) value of "
+            f"{reference} in model, metric, resolution, threshold and folds / seeds (see the "
+            "table's reported column)",
+            file=sys.stderr,
+        )
+        return 1
+    failed = sum(not c.passed for c in checks)
+    if failed:
+        return 1
+    print(f"gate passed: {len(checks)} value(s) within tolerance of {reference}", file=sys.stderr)
     return 0

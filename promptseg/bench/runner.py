@@ -1,9 +1,9 @@
 """What every evaluation run shares: where results go, resumable progress, the result JSON.
 
-A run writes `runs/<benchmark>/<dataset>/<fold>/<shots>/<model>/result.json` (schema 1,
-benchmarks.md §5.2). While it runs, `progress.json` holds the metric accumulators and the indices
-already scored, saved atomically every few items, so `--resume` continues where a run stopped
-with exactly the numbers an uninterrupted run gives (integer accumulators, order-free).
+A run writes `runs/<benchmark>/<dataset>/<fold>/<shots>/<model>/result.json` (schema 1).
+While it runs, `progress.json` holds the metric accumulators and the indices already scored,
+saved atomically every few items, so `--resume` continues where a run stopped with exactly the
+numbers an uninterrupted run gives (integer accumulators, order-free).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "environment",
     "model_record",
     "prefetch",
+    "prepare_run_dir",
     "run_dir",
     "write_json",
     "write_result",
@@ -58,6 +59,19 @@ def run_dir(
         model,
     ]
     return Path(out).joinpath(*parts)
+
+
+def prepare_run_dir(directory: Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create a run's folder; refuse to run again over a finished run's result.json unless
+    `overwrite` (replace it) or `resume` (continue an interrupted run there)."""
+    result = directory / "result.json"
+    if result.is_file() and not (overwrite or resume):
+        raise FileExistsError(
+            f"{result} already exists; pass --overwrite to replace it or --resume to continue "
+            "an interrupted run (or choose another --out)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""`promptseg bench episodes | verify-splits | make-mini` (benchmarks.md §5.1, §2.3, §1.12)."""
+"""`promptseg bench episodes | verify-splits | make-mini | run`: helpers of the bench tools."""
 
 from __future__ import annotations
 
@@ -23,11 +23,20 @@ def episodes_tsv(
     trust_pickle: bool = False,
     out: str | Path | None = None,
 ) -> tuple[str, int]:
-    """(digest, number of episodes) of the reference stream; writes the §2.3 TSV to `out`."""
+    """(digest, number of episodes) of the reference stream; writes its TSV to `out`.
+
+    Split lists: `splits_dir`, else the data root's `splits/` folder if it holds them, else the
+    download cache."""
     from ..data.episodes import episode_digest, episodes, serialize_episodes
+    from ..data.fewshot import DATA_ROOT_SPLITS
+    from ..data.splits import SPLIT_DATASETS, find_split
 
     if isinstance(fold, str) and fold.isdigit():
         fold = int(fold)
+    if splits_dir is None and data_root is not None and dataset in SPLIT_DATASETS:
+        own = Path(data_root) / DATA_ROOT_SPLITS  # `bench make-mini` writes its lists there
+        if (own / find_split(dataset, "test" if dataset == "fss1000" else fold).relpath).is_file():
+            splits_dir = own
     eps = episodes(
         dataset,
         fold,

@@ -1,12 +1,12 @@
 """`promptseg eval vos`: semi-supervised video object segmentation on DAVIS-2017 / DAVIS-2016 val.
 
-Sequences run in ImageSets order (benchmarks.md §2.5); the model gets every frame and the frame-0
-label map (void -> background) and returns one label map per frame, written as indexed palette
-PNGs `<run>/pngs/<seq>/<frame>.png` at GT size (§1.6). Scoring: DAVIS-2017 with
-`promptseg.metrics.davis.evaluate_davis` (per object, P15); DAVIS-2016 is SINE's toolkit variant
-(P16): the 2016 sequence list, GT = union of the DAVIS-2017 objects, prediction binarised `> 0`,
+Sequences run in ImageSets order; the model gets every frame and the frame-0 label map
+(void -> background) and returns one label map per frame, written as indexed palette PNGs
+`<run>/pngs/<seq>/<frame>.png` at GT size. Scoring: DAVIS-2017 with
+`promptseg.metrics.davis.evaluate_davis` (per object); DAVIS-2016 is SINE's toolkit variant: the
+2016 sequence list, GT = union of the DAVIS-2017 objects, prediction binarised `> 0`,
 one object per sequence — the model still receives the multi-object 2017 frame-0 mask.
-Models with a video memory get the per-dataset memory size of SINE's evaluation (sine.md §4.3).
+Models with a video memory get the per-dataset memory size of SINE's evaluation.
 `--resume` skips sequences whose PNGs were all written by the interrupted run.
 """
 
@@ -30,6 +30,7 @@ from .runner import (
     Progress,
     environment,
     model_record,
+    prepare_run_dir,
     run_dir,
     write_result,
 )
@@ -116,6 +117,7 @@ def eval_vos(
     data_root: str | Path,
     out: str | Path = "runs",
     resume: bool = False,
+    overwrite: bool = False,
     save_pngs: bool = False,
 ) -> dict[str, Any]:
     """Run one DAVIS variant, score it and write result.json; returns the result dict.
@@ -133,7 +135,7 @@ def eval_vos(
     sequences = data.sequences()
     directory = run_dir(out, "vos", dataset, None, None, model.card.name)
     png_dir = directory / "pngs"
-    directory.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     key = f"vos|{dataset}|{model.card.name}|{','.join(sequences)}"
     progress = Progress(directory, resume=resume, key=key, every=1)
     if not resume and png_dir.exists():

@@ -1,4 +1,4 @@
-"""Readers of the real on-disk layouts of the dense benchmarks (spec benchmarks.md §1.6-1.10).
+"""Readers of the real on-disk layouts of the dense benchmarks.
 
 DAVIS 2016/2017, COCO panoptic val2017, ADE20K-150 (panoptic + semantic), A-847, PC-59, PC-459,
 PAS-21 and PhraseCut test. Paths are relative to the user's data root; every reader checks its
@@ -43,7 +43,7 @@ PathLike = str | os.PathLike[str]
 
 DAVIS_VOID = 255
 
-# timojl/clipseg datasets/phrasecut.py: images whose stored size is wrong (spec §1.10)
+# timojl/clipseg datasets/phrasecut.py: images whose stored size is wrong
 PHRASECUT_INVALID_IMAGE_IDS: frozenset[int] = frozenset(
     {150417, 285665, 498246, 61564, 285743, 498269, 498010, 150516, 150344, 286093, 61530}
     | {150333, 286065, 285814, 498187, 285761, 498042}
@@ -128,7 +128,7 @@ def _load_json(path: Path, dataset: str, keys: Sequence[str], obtain: str) -> An
 
 def load_label_png(path: PathLike) -> np.ndarray:
     """An integer label map [H, W] from a PNG/TIFF without colour conversion: palette and 8-bit
-    grey stay uint8 (palette indices), 16-bit stays uint16, 32-bit integer stays int32 (P17)."""
+    grey stay uint8 (palette indices), 16-bit stays uint16, 32-bit integer stays int32."""
     with Image.open(path) as im:
         mode = im.mode
         if mode in ("P", "L", "1"):
@@ -156,9 +156,9 @@ def _list_files(folder: Path, suffix: str) -> list[Path]:
 
 
 class DavisDataset:
-    """DAVIS-2017 / DAVIS-2016 val: sequences in ImageSets order, frames in file order (§1.6, §2.5).
+    """DAVIS-2017 / DAVIS-2016 val: sequences in ImageSets order, frames in file order.
 
-    year "2016" is SINE's toolkit variant (P16): the 2016 sequence list with the DAVIS-2017
+    year "2016" is SINE's toolkit variant: the 2016 sequence list with the DAVIS-2017
     annotations merged into one object (1..254 -> 1, void 255 kept), not the DAVIS-16 masks.
     """
 
@@ -263,7 +263,7 @@ class DavisDataset:
         return np.where(labels == DAVIS_VOID, 0, labels).astype(np.uint8)
 
     def n_objects(self, seq: str) -> int:
-        """Objects of a sequence: max label of GT frame 0 without void (P15); 1 for 2016."""
+        """Objects of a sequence: max label of GT frame 0 without void; 1 for 2016."""
         return int(self.first_frame_mask(seq).max())
 
 
@@ -315,9 +315,9 @@ class PanopticItem:
 
 
 class PanopticDataset:
-    """Panoptic GT in panopticapi format (COCO panoptic val2017 §1.7, ADE20K-150 §1.8).
+    """Panoptic GT in panopticapi format (COCO panoptic val2017, ADE20K-150).
 
-    GT JSON areas are used as stored (ADE stuff areas can exceed their PNG pixel count, P13).
+    GT JSON areas are used as stored (ADE stuff areas can exceed their PNG pixel count).
     """
 
     def __init__(self, name: str, root: PathLike) -> None:
@@ -495,7 +495,7 @@ class SemSegItem:
 
 
 class SemSegDataset:
-    """Semantic GT of the ODISE open-vocabulary benchmarks (§1.7-1.9), integer maps, no colour.
+    """Semantic GT of the ODISE open-vocabulary benchmarks, integer maps, no colour.
 
     class_names: ade150 from ade20k_panoptic_val.json (name of category id k at index k),
     coco-panoptic from panoptic_val2017.json (categories in ascending id = panoptic_semseg index);
@@ -573,7 +573,7 @@ class SemSegDataset:
         return [SemSegItem(p, self.gt_dir / (p.stem + suffix)) for p in images]
 
     def load_gt(self, path: PathLike) -> np.ndarray:
-        """Integer GT map [H, W]: uint8 PNG or uint16 TIFF kept at its bit depth (P17)."""
+        """Integer GT map [H, W]: uint8 PNG or uint16 TIFF kept at its bit depth."""
         return load_label_png(path)
 
 
@@ -638,7 +638,7 @@ def polygon2mask(shape: tuple[int, int], polygon: Any) -> np.ndarray:
 
 def polygons_to_mask(shape: tuple[int, int], polygons: Iterable[Any]) -> np.ndarray:
     """Union of polygons given as lists of [x, y] points, each rasterised like
-    `skimage.draw.polygon2mask(shape, points[:, ::-1])` (spec §1.10)."""
+    `skimage.draw.polygon2mask(shape, points[:, ::-1])`."""
     mask = np.zeros((int(shape[0]), int(shape[1])), dtype=bool)
     for poly in polygons:
         pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
@@ -657,7 +657,7 @@ class PhraseCutSample:
 
 
 class PhraseCutDataset:
-    """PhraseCut (VGPhraseCut_v0) referring tasks (§1.10), samples sorted by (image_id, j)."""
+    """PhraseCut (VGPhraseCut_v0) referring tasks, samples sorted by (image_id, j)."""
 
     def __init__(self, root: PathLike, split: str = "test", exclude_invalid: bool = True) -> None:
         given = Path(root)

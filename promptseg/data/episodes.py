@@ -1,4 +1,4 @@
-"""Deterministic few-shot episode lists (spec §2): the hsnet/Matcher/SINE stream, as plain data.
+"""Deterministic few-shot episode lists: the hsnet/Matcher/SINE stream, as plain data.
 
 Episodes are generated up front by a pure function, so loaders, workers and shards only index them.
 """
@@ -40,7 +40,7 @@ PathLike = str | os.PathLike[str]
 
 DATASETS = ("pascal5i", "coco20i", "fss1000", "lvis92i")
 DEFAULT_EPISODES = {"pascal5i": 1000, "coco20i": 1000, "fss1000": 2400, "lvis92i": 2300}
-"""Episodes per fold of the reference protocol (spec §2.2)."""
+"""Episodes per fold of the reference protocol."""
 
 FSS_FIRST_TEST_CLASS = 760
 FSS_IMAGES = tuple(sorted(f"{k}.jpg" for k in range(1, 11)))  # 1, 10, 2, ..., 9 (string sort)
@@ -68,7 +68,7 @@ def pick(rs: np.random.RandomState, seq: Sequence[T]) -> T:
 def draw_supports(
     rs: np.random.RandomState, pool: Sequence[str], query: str, shots: int
 ) -> tuple[str, ...]:
-    """Draw supports one at a time, rejecting only the query; duplicates are kept (spec §2.1)."""
+    """Draw supports one at a time, rejecting only the query; duplicates are kept."""
     if not any(item != query for item in pool):
         raise ValueError(f"no support candidate other than the query {query!r}")
     out: list[str] = []
@@ -91,7 +91,10 @@ def _int_fold(dataset: str, fold: int | str, n_folds: int) -> int:
 
 def _pascal(rs, fold, shots, n, splits_dir, cache_dir, trust_pickle, data_root) -> list[Episode]:
     f = _int_fold("pascal5i", fold, 4)
-    meta = read_pascal_split(split_file("pascal5i", f, splits_dir, cache_dir))
+    path = split_file("pascal5i", f, splits_dir, cache_dir)
+    meta = read_pascal_split(path)
+    if not meta:
+        raise ValueError(f"{path}: the split list is empty (no '<name>__<cc>' lines)")
     pools: dict[int, list[str]] = {}
     for name, c in meta:
         pools.setdefault(c, []).append(name)
@@ -121,7 +124,7 @@ def _coco(rs, fold, shots, n, splits_dir, cache_dir, trust_pickle, data_root) ->
 def _fss(rs, fold, shots, n, splits_dir, cache_dir, trust_pickle, data_root) -> list[Episode]:
     if str(fold) != "test":
         raise ValueError(f"fss1000 has one evaluation fold, 'test'; got {fold!r}")
-    # Every FSS-1000 class holds 1.jpg..10.jpg, so the query list is synthesised (spec §2.2, §5.3).
+    # Every FSS-1000 class holds 1.jpg..10.jpg, so the query list is synthesised.
     cats = sorted(read_fss_split(split_file("fss1000", "test", splits_dir, cache_dir)))
     ranks = range(1, 11)
     out: list[Episode] = []
@@ -140,7 +143,7 @@ def _fss(rs, fold, shots, n, splits_dir, cache_dir, trust_pickle, data_root) -> 
 
 
 def lvis_fold_classes(val: dict[Any, dict[str, Any]], fold: int, shots: int) -> list[Any]:
-    """LVIS-92i fold classes (category keys, dict order); position = metric class id (§1.4)."""
+    """LVIS-92i fold classes (category keys, dict order); position = metric class id."""
     val_cats = [c for c in val if len(val[c]) > shots]
     per_fold = len(val_cats) // 10
     return [val_cats[fold + 10 * v] for v in range(per_fold)]
@@ -187,7 +190,7 @@ def episodes(
     cache_dir: PathLike | None = None,
     trust_pickle: bool = False,
 ) -> list[Episode]:
-    """The first ``n`` episodes (default: the protocol's N) of the seeded reference stream (§2)."""
+    """The first ``n`` episodes (default: the protocol's N) of the seeded reference stream."""
     if not isinstance(dataset, str) or dataset not in _GENERATORS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if isinstance(shots, bool) or not isinstance(shots, int) or shots < 1:
@@ -203,7 +206,7 @@ def episodes(
 
 
 def serialize_episodes(eps: Sequence[Episode]) -> str:
-    """Canonical text of spec §2.3: one ``i<TAB>class<TAB>query<TAB>s1,s2,...`` line per episode."""
+    """Canonical text of episodes: one ``i<TAB>class<TAB>query<TAB>s1,s2,...`` line per episode."""
     return "".join(f"{e.index}\t{e.class_id}\t{e.query}\t{','.join(e.supports)}\n" for e in eps)
 
 

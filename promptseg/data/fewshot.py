@@ -1,4 +1,4 @@
-"""Readers of the real on-disk layouts of the few-shot benchmarks (spec benchmarks.md §1.1-1.5).
+"""Readers of the real on-disk layouts of the few-shot benchmarks.
 
 `FewShotDataset` maps `promptseg.data.episodes` episodes to images and masks exactly as the
 reference loaders read them; `FewShotInstanceDataset` gives COCO-NOVEL's TFA shots and test set.
@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from promptseg.data.episodes import Episode, episodes, lvis_fold_classes
 from promptseg.data.splits import (
+    SPLITS_CACHE_KEY,
+    SplitFile,
     file_sha256,
     find_split,
     load_lvis_split,
@@ -37,6 +39,7 @@ __all__ = [
     "COCO_CATEGORY_IDS",
     "COCO_CLASSES",
     "COCO_NOVEL_IDS",
+    "DATA_ROOT_SPLITS",
     "FEWSHOT_DATASETS",
     "INSTANCE_DATASETS",
     "PASCAL_CLASSES",
@@ -79,7 +82,7 @@ COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in _COCO_MISSING_IDS]
 """COCO category id of each COCO-20i class index."""
 
 COCO_NOVEL_IDS = [1, 2, 3, 4, 5, 6, 7, 9, 16, 17, 18, 19, 20, 21, 44, 62, 63, 64, 67, 72]
-"""TFA's 20 novel (VOC) classes as COCO category ids, in TFA's order (spec §1.5)."""
+"""TFA's 20 novel (VOC) classes as COCO category ids, in TFA's order."""
 
 VOC_CONVERTED_CLASSES = (
     "person bicycle car motorbike aeroplane bus train boat bird cat dog horse sheep cow bottle "
@@ -115,6 +118,10 @@ _TITLES = {
     "coco2voc": "COCO2VOC",
 }
 
+DATA_ROOT_SPLITS = "splits"
+"""Folder of a data root holding split lists in hsnet's ``data/splits`` layout (`bench make-mini`
+writes one); used when no ``splits_dir`` is given."""
+
 # Split lists of the Matcher/SINE layout, relative to the data root ({f} = fold).
 _MATCHER_SPLITS = {
     "pascal5i": "VOC2012/splits/val/fold{f}.txt",
@@ -147,7 +154,7 @@ class ShotRecord(NamedTuple):
 
 
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a mask / label map [H, W] to ``size`` = (h, w) like the protocols do (spec §6 P1):
+    """Resize a mask / label map [H, W] to ``size`` = (h, w) like the protocols do:
     torch ``F.interpolate(mode="nearest")`` (source index = floor(dst * in / out)), which is not
     PIL NEAREST nor "nearest-exact". Values are copied, never converted (exact for every dtype)."""
     if not isinstance(array, np.ndarray):
@@ -209,7 +216,7 @@ def _layout_error(dataset: str, problems: Sequence[str], expected: Sequence[str]
     if expected:
         lines.append("Expected (relative to the data root):")
         lines += [f"  {e}" for e in expected]
-    lines.append(f"Obtain: {_OBTAIN[dataset]} (spec benchmarks.md §1).")
+    lines.append(f"Obtain: {_OBTAIN[dataset]} (see benchmarks/README.md#datasets).")
     return "\n".join(lines)
 
 
@@ -331,9 +338,11 @@ class FewShotDataset:
 
     def _expected(self) -> list[str]:
         f = self.fold
-        split = f"split list: hsnet data/splits/{find_split(self.name, self._fold_arg).relpath}"
-        split += " (default: fetched into the promptseg cache; or splits_dir / --splits-dir)"
-        split += f", or {_MATCHER_SPLITS[self.name].format(f=f)} (Matcher/SINE layout)"
+        relpath = find_split(self.name, self._fold_arg).relpath
+        split = f"split list: hsnet data/splits/{relpath} (default: fetched into the promptseg "
+        split += f"cache; or splits_dir / --splits-dir), or {DATA_ROOT_SPLITS}/{relpath} (hsnet "
+        split += f"layout, `bench make-mini`), or {_MATCHER_SPLITS[self.name].format(f=f)} "
+        split += "(Matcher/SINE layout)"
         if self.name == "pascal5i":
             return [
                 "VOC2012/JPEGImages/<name>.jpg",
@@ -381,7 +390,9 @@ class FewShotDataset:
             self._raise([f"class folders missing under {self._fss_root}: {shown}"])
 
     def _resolve_split(self, splits_dir: PathLike | None) -> Path:
-        """Split list path: ``splits_dir`` > identical data-root copy > cache > any data-root copy.
+        """Split list path: ``splits_dir`` > a data-root copy identical to upstream's > the data
+        root's ``splits/`` folder (hsnet layout, as `promptseg bench make-mini` writes it) > the
+        cache (downloaded on first use) > a data-root copy in the Matcher/SINE layout.
 
         Sets ``self._splits_dir`` to the folder `promptseg.data.episodes` must be given.
         """
@@ -394,28 +405,46 @@ class FewShotDataset:
             except FileNotFoundError:
                 self._raise(
                     [
-                        f"split list {Path(splits_dir) / entry.relpath} not found (splits_dir "
-                        f"must be laid out like hsnet's data/splits; upstream file {entry.url})"
+                        f"split list {Path(splits_dir) / entry.relpath} not found (splits_dir / "
+                        "--splits-dir must be laid out like hsnet's data/splits; upstream file "
+                        f"{entry.url})"
                     ]
                 )
         local = self.data_root / _MATCHER_SPLITS[self.name].format(f=self.fold)
         if local.is_file() and file_sha256(local) == entry.sha256:
             self._splits_dir = _split_view(self._cache_dir, self.data_root, entry.relpath, local)
             return split_file(self.name, self._fold_arg, self._splits_dir, **get)
+        own = self.data_root / DATA_ROOT_SPLITS
+        if (own / entry.relpath).is_file():
+            self._splits_dir = own
+            return split_file(self.name, self._fold_arg, own, **get)
         try:
             return split_file(self.name, self._fold_arg, None, **get)
         except WeightsNotFoundError as exc:
             if not local.is_file():
-                self._raise(
-                    [
-                        f"split list {entry.relpath} is neither cached nor downloadable, and "
-                        f"the data root has no copy at {local}",
-                        *(ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()),
-                    ]
-                )
+                self._raise_no_split(entry, local, exc)
         # A copy that differs from upstream: warned about (text) or refused unless trusted (pkl).
         self._splits_dir = _split_view(self._cache_dir, self.data_root, entry.relpath, local)
         return split_file(self.name, self._fold_arg, self._splits_dir, **get)
+
+    def _raise_no_split(self, entry: SplitFile, local: Path, exc: Exception) -> NoReturn:
+        """No split list anywhere: say where it was looked for and the ways to provide it."""
+        from promptseg.weights import cache_root
+
+        reasons = [ln.strip() for ln in str(exc).splitlines() if "failed:" in ln]
+        reason = reasons[0].removeprefix("failed:").strip() if reasons else "not available"
+        own = self.data_root / DATA_ROOT_SPLITS / entry.relpath
+        cached = cache_root(self._cache_dir) / SPLITS_CACHE_KEY / entry.relpath
+        self._raise(
+            [
+                f"split list {entry.relpath} is not in the data root ({own} or {local}), not "
+                f"cached, and could not be downloaded ({reason})",
+                "fix: pass splits_dir=DIR (command line: --splits-dir DIR), DIR a folder laid out "
+                f"like hsnet's data/splits holding DIR/{entry.relpath} (`promptseg bench "
+                "make-mini --out D` writes its own to D/splits, used when the data root is D)",
+                f"or download {entry.url} ({entry.size} bytes, sha256 {entry.sha256}) to {cached}",
+            ]
+        )
 
     def _init_lvis(self) -> None:
         pkl = self.data_root / "LVIS" / "lvis_val.pkl"
@@ -461,7 +490,7 @@ class FewShotDataset:
         """The reference episode stream of this fold (`promptseg.data.episodes.episodes`)."""
         if self.name == "lvis92i" and shots != self.shots:
             raise ValueError(
-                f"LVIS-92i's fold classes depend on the shot count (spec §1.4): this dataset was "
+                f"LVIS-92i's fold classes depend on the shot count: this dataset was "
                 f"built with shots={self.shots}; build FewShotDataset(..., shots={shots})"
             )
         return episodes(
@@ -506,7 +535,7 @@ class FewShotDataset:
         return FewShotSample(image=image, mask=mask, ignore=ignore)
 
     def _lvis_mask(self, image_id: str, class_id: int, hw: tuple[int, int]) -> np.ndarray:
-        """Union of the image's annotations of the fold class (spec §1.4)."""
+        """Union of the image's annotations of the fold class."""
         entries = self._lvis[self._lvis_classes[class_id]]
         entry = entries.get(image_id)
         if entry is None:  # episode ids are str(key)
@@ -540,7 +569,7 @@ class FewShotDataset:
 
 
 class FewShotInstanceDataset:
-    """COCO-NOVEL (or COCO2VOC) few-shot instance segmentation, TFA shots (spec §1.5, §2.5)."""
+    """COCO-NOVEL (or COCO2VOC) few-shot instance segmentation, TFA shots."""
 
     def __init__(
         self,
@@ -640,7 +669,7 @@ class FewShotInstanceDataset:
     def shot_records(self) -> list[ShotRecord]:
         """One record per annotation: classes in TFA order, images by id, annotations in file order.
 
-        Raises DatasetLayoutError unless every class file holds exactly K annotations (§2.5).
+        Raises DatasetLayoutError unless every class file holds exactly K annotations.
         """
         records: list[ShotRecord] = []
         for category_id, path in zip(self.novel_category_ids, self.shot_files, strict=True):
@@ -688,7 +717,7 @@ class FewShotInstanceDataset:
             return {img["id"]: img for img in json.load(f)["images"]}
 
     def test_image_ids(self) -> list[int]:
-        """Test image ids in ascending order (the evaluation order of spec §2.5)."""
+        """Test image ids in ascending order (TFA's evaluation order)."""
         return sorted(self._test_images)
 
     def test_image_path(self, image_id: int) -> Path:

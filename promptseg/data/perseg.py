@@ -1,4 +1,4 @@
-"""Reader of the PerSeg one-shot personalised segmentation layout (spec benchmarks.md §1.11).
+"""Reader of the PerSeg one-shot personalised segmentation layout.
 
 `<data-root>/data/Images/<object>/<nn>.jpg` and `<data-root>/data/Annotations/<object>/<nn>.png`
 (the data root may also be the `data/` folder itself). Image `00` of each object is the reference

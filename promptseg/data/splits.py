@@ -1,7 +1,7 @@
 """Few-shot split lists (hsnet's ``data/splits``): fetched on first use, sha256-checked, parsed.
 
 The files are obtained from a user folder laid out like hsnet's ``data/splits`` or downloaded into
-the promptseg cache; pickles are only unpickled after their sha256 matches (spec §1.12).
+the promptseg cache; pickles are only unpickled after their sha256 matches (or on opt-in).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _hsnet(dataset: str, fold: int | str, relpath: str, sha256: str, size: int) 
     return SplitFile(dataset, fold, relpath, HSNET_RAW_URL + relpath, sha256, size)
 
 
-# sha256 values: spec benchmarks.md §1.12 (hsnet @ 6b1bc12).
+# sha256 values of hsnet's files at commit 6b1bc12.
 SPLIT_FILES: tuple[SplitFile, ...] = (
     _hsnet(
         "pascal5i",
@@ -190,7 +190,9 @@ def _check(path: Path, entry: SplitFile, trust_pickle: bool) -> None:
             "(CLI: --trust-pickle) if you trust it; the episodes will differ from the reference."
         )
     warnings.warn(
-        f"{what}; episodes drawn from it are NOT the reference episodes (spec §6 P20).",
+        f"{path} differs from upstream {entry.relpath} (sha256 {actual[:12]}…, upstream "
+        f"{entry.sha256[:12]}…): episodes drawn from it are NOT the reference episodes "
+        "(see benchmarks/README.md#split-lists)",
         SplitChecksumWarning,
         stacklevel=3,
     )
@@ -404,7 +406,7 @@ def load_lvis_split(
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: LVIS-92i needs lvis_{split}.pkl from Matcher's lvis.zip under "
-            "<data_root>/LVIS/ (spec §1.4)."
+            "<data_root>/LVIS/ (see benchmarks/README.md#datasets)."
         )
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
@@ -428,7 +430,7 @@ def load_lvis_split(
             f"sha256 is then recorded in {record} and later runs need no flag."
         )
     try:
-        raw = pickle.loads(data)  # noqa: S301 - explicit user opt-in (spec §1.12)
+        raw = pickle.loads(data)  # noqa: S301 - explicit user opt-in
     except Exception as exc:  # noqa: BLE001 - truncated / foreign bytes fail in many ways
         raise SplitPickleError(f"{path} is not a readable LVIS pickle: {exc}") from None
     if not isinstance(raw, dict):

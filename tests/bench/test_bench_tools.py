@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from promptseg.cli import main
 from promptseg.data.episodes import episode_digest, episodes, serialize_episodes
@@ -43,6 +44,9 @@ def test_episodes_prints_the_digest(mini, tmp_path, capsys, dataset, fold, shots
     printed = capsys.readouterr().out.split()
     assert printed == [episode_digest(eps)]
     assert out.read_text(encoding="utf-8") == serialize_episodes(eps)
+    at = argv.index("--splits-dir")  # without it: the data root's own splits/ (make-mini's)
+    assert main(argv[:at] + argv[at + 2 :]) == 0
+    assert capsys.readouterr().out.split() == [episode_digest(eps)]
 
 
 def test_make_mini_writes_the_folders(tmp_path, capsys):
@@ -154,6 +158,10 @@ def test_bench_run_executes_a_suite(tmp_path, capsys):
         )
         == 0
     )
+    out = capsys.readouterr().out
+    suite_file = Path(__file__).resolve().parents[2] / "benchmarks/suites/sine_table1.yaml"
+    n = len(yaml.safe_load(suite_file.read_text())["runs"])
+    assert f"would run {n} evals (dry run: nothing was run)" in out and "succeeded" not in out
 
 
 def test_bench_run_lines_share_no_process_state_and_failures_are_counted(

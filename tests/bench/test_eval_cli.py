@@ -41,3 +41,38 @@ def test_config_overrides_reach_the_model(tmp_path, capsys):
     assert "perseg test_shifted: mIoU 100.00  mAcc 100.00" in capsys.readouterr().out
     result = tmp_path / "runs" / "perseg" / "perseg" / "-" / "1" / "test_shifted" / "result.json"
     assert json.loads(result.read_text())["metrics"]["mIoU"] == pytest.approx(100.0, abs=1e-8)
+
+
+SMOKE = {
+    "fss": ["--episodes", "4"],
+    "ovseg": ["--images", "2", "--tasks", "miou"],
+    "fsis": ["--seeds", "0", "--images", "2"],
+}
+"""Options that keep each eval a few seconds long on the miniature data."""
+
+
+@pytest.fixture(scope="module")
+def mini_all(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mini_all")
+    make_mini(root)
+    return root
+
+
+@pytest.mark.parametrize("name", list(DATASET))
+def test_a_finished_run_is_replaced_only_with_overwrite_or_resume(name, mini_all, tmp_path, capsys):
+    argv = ["eval", name, *DATASET[name], *SMOKE.get(name, []), "--model", "test_colorkey"]
+    argv += ["--data-root", str(mini_all), "--out", str(tmp_path)]
+    assert main(argv) == 0
+    (result,) = tmp_path.rglob("result.json")
+    before = result.read_bytes()
+    capsys.readouterr()
+
+    assert main(argv) == 2  # run again: refused before anything is written
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln]
+    assert len(errors) == 1 and errors[0].startswith(f"promptseg eval {name}: error: ")
+    assert str(result) in errors[0] and "--overwrite" in errors[0] and "--resume" in errors[0]
+    assert result.read_bytes() == before
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(result.read_text())["metrics"] == json.loads(before)["metrics"]
+    assert main([*argv, "--resume"]) == 0

@@ -174,3 +174,38 @@ def test_bad_batch_size_is_a_clear_error(mini, tmp_path, capsys):
         warnings.simplefilter("ignore")
         assert main([*argv, "--out", str(tmp_path)]) == 2
     assert "--batch-size must be >= 1" in capsys.readouterr().err
+
+
+def test_the_data_roots_split_lists_are_used_and_their_warning_is_one_line(tmp_path, capsys):
+    """`bench make-mini` writes split lists to <data root>/splits: `eval fss` finds them without
+    --splits-dir (offline), warns ONCE, in one line, that they are not the reference episodes,
+    and without them the error names --splits-dir and make-mini's own split lists."""
+    data = tmp_path / "data"
+    assert main(["bench", "make-mini", "--out", str(data), "--datasets", "pascal5i"]) == 0
+    argv = ["eval", "fss", "--dataset", "pascal5i", "--model", "test_colorkey"]
+    argv += ["--data-root", str(data), "--episodes", "5"]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(warned) == 1, err
+    assert warned[0].startswith("promptseg eval fss: warning: ")
+    assert str(data / "splits" / "pascal" / "val" / "fold0.txt") in warned[0]
+    assert "NOT the reference episodes" in warned[0] and "README.md#split-lists" in warned[0]
+    assert "§" not in err and "Warning:" not in err and ".py:" not in err
+    (path,) = (tmp_path / "a").rglob("result.json")
+    result = json.loads(path.read_text())
+    assert (
+        result["protocol"]["reference_episodes"] is False and "fold0.txt" in result["splits_sha256"]
+    )
+
+    (data / "splits").rename(tmp_path / "elsewhere")
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptseg eval fss: error: ") and "--splits-dir DIR" in err
+    assert "bench make-mini --out D` writes its own to D/splits" in err
+    assert str(data / "splits" / "pascal" / "val" / "fold0.txt") in err and "§" not in err
+    assert (
+        main([*argv, "--out", str(tmp_path / "b"), "--splits-dir", str(tmp_path / "elsewhere")])
+        == 0
+    )

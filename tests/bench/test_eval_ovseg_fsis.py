@@ -101,6 +101,27 @@ def test_empty_edge_values_on_coco(mini, tmp_path):
     assert m["mIoU"] == 0.0
 
 
+@pytest.mark.parametrize("dataset", ["coco-panoptic", "ade150"])
+def test_odise_tiny_runs_every_task_from_one_forward(mini, tmp_path, monkeypatch, dataset):
+    """ODISE (toy size, random weights) through eval ovseg: one level="all" forward per image,
+    the dataset's class names (the mini data roots have a few classes, not the presets'), finite
+    metrics in range."""
+    from promptseg.models.odise import ODISE
+
+    calls = []
+    forward = ODISE.encode_image
+    monkeypatch.setattr(
+        ODISE, "encode_image", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
+    )
+    res, run = ovseg(mini, tmp_path, "odise_test_tiny", dataset)
+    assert len(calls) == res["n_images"] == 2
+    assert res["protocol"]["vocabulary"] == "dataset class names"
+    expected = {"PQ", "mIoU"} | ({"AP"} if dataset == "coco-panoptic" else set())
+    assert expected <= set(res["metrics"])
+    assert all(0 <= res["metrics"][k] <= 100 for k in expected)
+    assert (run / "panoptic_pred.json").is_file() and (run / "confusion_matrix.npy").is_file()
+
+
 def test_ovseg_resume_gives_the_uninterrupted_numbers(
     mini, tmp_path, monkeypatch, interrupted_after
 ):

@@ -3,9 +3,11 @@ partial fold / seed sets, oracle thresholds and the chart; reference.yaml, suite
 
 from __future__ import annotations
 
+import ast
 import csv
 import io
 import json
+import re
 import shlex
 import warnings
 from pathlib import Path
@@ -14,7 +16,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from promptseg.bench.report import build_rows, format_table, load_reference, load_results
+from promptseg.bench.report import (
+    DEFAULT_REFERENCE,
+    build_rows,
+    chart_layout,
+    draw_chart,
+    format_table,
+    load_reference,
+    load_results,
+)
 from promptseg.bench.runner import run_dir, write_result
 from promptseg.bench.tools import suite_commands
 from promptseg.cli import main
@@ -22,7 +32,8 @@ from promptseg.testing.mini_dense import make_mini_dense
 from promptseg.testing.mini_fewshot import make_mini_fewshot
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-REFERENCE = BENCH / "reference.yaml"
+REFERENCE = Path(__file__).resolve().parents[2] / "promptseg" / "bench" / "reference.yaml"
+"""The one copy of the published numbers: package data, the report's default."""
 SINE = "sine_dinov2l.coco_ade_o365"
 DIFF = "diffews_sd21.incontext"
 STRICT = "diffews_sd21.coco20i_fold{f}"
@@ -373,6 +384,104 @@ def test_cli_prints_the_table_and_always_writes_a_chart(tmp_path, capsys):
     assert "no result.json" in capsys.readouterr().err
 
 
+def test_the_shipped_reference_is_the_default_from_any_folder(tmp_path, capsys, monkeypatch):
+    assert DEFAULT_REFERENCE == REFERENCE and DEFAULT_REFERENCE.is_file()
+    runs = tmp_path / "runs"
+    for f in range(4):
+        write(runs, fss_payload(SINE, f, 64.4))
+    monkeypatch.chdir(tmp_path)  # outside the checkout
+    assert main(["bench", "report", str(runs), "--gate"]) == 0
+    captured = capsys.readouterr()
+    assert "64.4 (−0.1)" in md_line(captured.out, "COCO-20i mIoU")
+    assert "gate passed: 1 value(s) within tolerance" in captured.err
+
+
+def test_gate_fails_loudly_without_anything_to_gate(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write(runs, fss_payload(SINE, 0, 64.4))  # one fold of four: nothing to compare
+    assert main(["bench", "report", str(runs), "--gate"]) == 1
+    err = capsys.readouterr().err
+    assert "GATE FAILED: nothing to gate" in err and str(REFERENCE) in err
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("schema_version: 1\nrows: []\n")
+    assert main(["bench", "report", str(runs), "--reference", str(empty), "--gate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("promptseg bench report: error: --gate: ") and err.count("\n") == 1
+    assert str(empty) in err and "no reference values" in err
+    missing = tmp_path / "nope.yaml"
+    assert main(["bench", "report", str(runs), "--reference", str(missing)]) == 2
+    assert f"reference file {missing} not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# chart
+
+
+def fixed_measure(text, style="text"):
+    """Text size without fonts: 7 px per character (6 small, 10 title), 14 px high."""
+    return {"title": 10, "text": 7, "small": 6}[style] * len(text), 14
+
+
+def chart_rows(root, *, long_protocol=False):
+    """SINE on all four COCO-20i folds (compared with the paper), DiffewS on fold 0 only."""
+    seed = 3 if long_protocol else 0  # another seed: a non-reference-episodes protocol label
+    for f, v in enumerate([64.0, 64.5, 64.9, 64.6]):
+        write(root, fss_payload(SINE, f, v, seed=seed))
+    write(root, fss_payload(DIFF, 0, 70.0, resolution="model:512", threshold=0.25, seed=seed))
+    return rows_of(root)
+
+
+def test_chart_layout_fits_its_labels_and_marks_partial_runs(tmp_path):
+    rows = chart_rows(tmp_path / "a")
+    layout = chart_layout(rows, fixed_measure)
+    miou = next(i for i, r in enumerate(rows) if r.metric == "mIoU")
+    assert "4-fold mean" in rows[miou].label()
+    bars = {(b.row, b.model): b for b in layout.bars}
+    partial, full = bars[(miou, DIFF)], bars[(miou, SINE)]
+    assert partial.partial and "(1/4 folds, partial)" in partial.label
+    assert partial.paper_box is None and "vs paper" not in partial.label
+    assert not full.partial and full.label == "64.5 (±0.0 vs paper)"
+    assert full.paper_box is not None and full.paper_label == "paper 64.5"
+    assert full.paper_box[1] >= full.box[3]  # the published value right below the reproduced one
+    assert partial.box[2] - partial.box[0] > full.box[2] - full.box[0]  # 70.0 > 64.5
+    texts = {t.text: t for t in layout.texts}
+    assert texts["Reproduced vs published results"].style == "title"
+    assert any(t.startswith("score") for t in texts)  # axis label
+    assert {SINE, DIFF} <= set(texts)  # legend: model names in full
+    assert any(t.startswith(rows[miou].label()) for t in texts)  # row label in full
+    for t in layout.texts:  # nothing cut off
+        w, h = fixed_measure(t.text, t.style)
+        assert 0 <= t.x and t.x + w <= layout.width and 0 <= t.y and t.y + h <= layout.height, t
+
+    longer = chart_layout(chart_rows(tmp_path / "b", long_protocol=True), fixed_measure)
+    assert longer.width > layout.width  # grows with its labels
+    write(tmp_path / "a", fsis_payload(SINE, range(10), 17.0))
+    more = chart_layout(rows_of(tmp_path / "a"), fixed_measure)
+    assert more.height > layout.height  # and with its rows
+    assert chart_layout([], fixed_measure).width > 0
+
+
+def test_chart_png_hatches_partial_bars_and_has_the_layouts_size(tmp_path):
+    rows = chart_rows(tmp_path / "runs")
+    path = draw_chart(rows, tmp_path / "chart.png")
+    layout = chart_layout(rows)  # the fonts draw_chart uses
+    miou = next(i for i, r in enumerate(rows) if r.metric == "mIoU")
+    bars = {(b.row, b.model): b for b in layout.bars}
+    with Image.open(path) as im:
+        assert im.size == (layout.width, layout.height)
+        rgb = im.convert("RGB")
+
+    def colours(box):
+        x0, y0, x1, y1 = box
+        return {rgb.getpixel((x, y)) for x in range(x0 + 2, x1 - 1) for y in range(y0 + 2, y1 - 1)}
+
+    assert colours(bars[(miou, SINE)].box) == {layout.colors[SINE]}  # a solid bar
+    stripes = colours(bars[(miou, DIFF)].box)  # the model's colour on a paler tint of it
+    colour = layout.colors[DIFF]
+    assert colour in stripes and any(c != colour and min(c) >= min(colour) for c in stripes)
+    assert colours(bars[(miou, SINE)].paper_box) == {(120, 120, 120)}
+
+
 # ------------------------------------------------------------------------------------------------
 # reference.yaml, suites, README
 
@@ -456,4 +565,38 @@ def test_readme_documents_bench_run_and_split_downloads():
     text = (BENCH / "README.md").read_text()
     assert "promptseg bench run benchmarks/suites/" in text and "envsubst" not in text
     assert "--trust-pickle" in text and "--splits-dir" in text and "sha256" in text
-    assert "report.png" in text
+    assert "report.png" in text and "--overwrite" in text and "make-mini" in text
+    assert "promptseg/bench/reference.yaml" in text and "§" not in text
+    assert not (BENCH / "reference.yaml").exists()  # one copy: the package's
+
+
+def _user_strings():
+    """(file, line, text) of every string literal of the package that is not a docstring."""
+    package = Path(__file__).resolve().parents[2] / "promptseg"
+    for path in sorted(package.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = {
+            id(n.value)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if id(node) not in docs:
+                    yield path.relative_to(package.parent), node.lineno, node.value
+
+
+def test_messages_point_at_the_readme_not_at_spec_sections():
+    """Users have benchmarks/README.md, not the spec: no message cites `§` sections, and every
+    `benchmarks/README.md#anchor` a message names is a heading of the README."""
+    cited = [(f, n, t) for f, n, t in _user_strings() if "§" in t or "benchmarks.md" in t]
+    assert not cited
+    headings = {
+        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+        for line in (BENCH / "README.md").read_text().splitlines()
+        if line.startswith("## ")
+    }
+    anchors = {
+        a for _, _, t in _user_strings() for a in re.findall(r"benchmarks/README\.md#([\w-]+)", t)
+    }
+    assert {"datasets", "split-lists"} <= anchors <= headings
