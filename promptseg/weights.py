@@ -13,7 +13,9 @@ import http.client
 import json
 import os
 import pickle
+import re
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -31,6 +33,7 @@ import huggingface_hub.constants
 import huggingface_hub.utils
 import safetensors.torch
 import torch
+from torch.torch_version import TorchVersion
 from tqdm.auto import tqdm
 
 from .errors import CheckpointFormatError, ChecksumError, WeightsNotFoundError
@@ -40,6 +43,10 @@ __all__ = [
     "WeightSource",
     "cache_root",
     "load_state_dict_file",
+    "read_checkpoint",
+    "files_sha256",
+    "TrainingMetadata",
+    "TRAINING_METADATA_NAMESPACES",
     "resolve_file",
     "load_pretrained",
     "pretrained_state",
@@ -151,6 +158,29 @@ def _offline_reason() -> str | None:
     return None
 
 
+PROBE_SECONDS = 5.0  # one connection attempt per host before a download (no retries)
+_REACHABILITY: dict[str, str | None] = {}  # host -> why it cannot be reached (None: it can)
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")
+
+
+def _unreachable(url: str) -> str | None:
+    """Why the host of `url` cannot be reached, or None: one quick TCP connection per host and
+    process, so an offline machine fails in seconds instead of after the Hub's five retries per
+    file. Behind a proxy (the *_PROXY variables) nothing is probed."""
+    parsed = urlparse(url)
+    host = parsed.hostname
+    if not host or any(os.environ.get(v) for v in _PROXY_VARIABLES):
+        return None
+    if host not in _REACHABILITY:
+        port = parsed.port or (80 if parsed.scheme == "http" else 443)
+        try:
+            socket.create_connection((host, port), timeout=PROBE_SECONDS).close()
+            _REACHABILITY[host] = None
+        except OSError as exc:
+            _REACHABILITY[host] = f"no network: cannot reach {host} ({_first_line(exc)})"
+    return _REACHABILITY[host]
+
+
 # --------------------------------------------------------------------------- resolving
 
 
@@ -185,6 +215,8 @@ def resolve_file(
         except ChecksumError as exc:
             mismatch = True
             failures.append(f"{source.describe()}\n     failed: checksum mismatch: {exc}")
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only if the failed attempts left it empty (a partial .part file stays)
     message = _not_found_message(key, sources, folder, failures, offline=offline)
     if mismatch:
         raise ChecksumError(message)
@@ -199,6 +231,9 @@ def _fetch(source: WeightSource, folder: Path, *, offline: str | None, progress:
         return _fetch_hf(source, offline=offline, progress=progress)
     if offline:
         raise _SourceFailed(f"skipped, offline mode is on ({offline})")
+    unreachable = _unreachable(source.url)
+    if unreachable:
+        raise _SourceFailed(unreachable)
     folder.mkdir(parents=True, exist_ok=True)
     if source.archive_member:
         return _fetch_archive_member(source, folder, progress=progress)
@@ -206,19 +241,22 @@ def _fetch(source: WeightSource, folder: Path, *, offline: str | None, progress:
 
 
 def _fetch_hf(source: WeightSource, *, offline: str | None, progress: bool) -> Path:
-    """Return the file's path inside the Hugging Face cache, downloading it unless offline."""
+    """Return the file's path inside the Hugging Face cache, downloading it unless offline (or
+    the Hub cannot be reached: then only the cache is looked at)."""
+    unreachable = None if offline else _unreachable(huggingface_hub.constants.ENDPOINT)
     try:
         with _hub_progress_bars(progress):
             path = huggingface_hub.hf_hub_download(
                 source.repo,
                 source.filename,
                 revision=source.revision,
-                local_files_only=offline is not None,
+                local_files_only=bool(offline or unreachable),
             )
     except Exception as exc:  # any hub failure (HTTP, offline, bad id) moves on to the next source
-        if offline:
+        if offline or unreachable:
+            why = f"offline mode is on ({offline})" if offline else unreachable
             raise _SourceFailed(
-                f"offline mode is on ({offline}) and the file is not in the Hugging Face cache "
+                f"{why}, and the file is not in the Hugging Face cache "
                 f"({huggingface_hub.constants.HF_HUB_CACHE})"
             ) from exc
         raise _SourceFailed(f"{type(exc).__name__}: {_first_line(exc)}") from exc
@@ -421,7 +459,13 @@ def _all_tensors(obj: Mapping[Any, Any]) -> bool:
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat {name: tensor} dict, whatever the container."""
+    """Read a checkpoint file into a flat {name: tensor} dict, whatever the container.
+
+    Pickled checkpoints are read with `weights_only=True`; objects of training frameworks
+    (`TRAINING_METADATA_NAMESPACES`, e.g. a Lightning callback's state in Stable Diffusion's
+    `.ckpt`) are replaced by inert stubs and dropped with the wrapper around the weights; any
+    other object is refused, so nothing in a file can run code.
+    """
     path = Path(path)
     if path.is_dir() and _is_pipeline(path):
         return _load_pipeline(path)
@@ -437,14 +481,17 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         )
     try:
         obj = _read_checkpoint(path)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointFormatError(
-            f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is not a tensor-only "
-            "pickle (it is corrupted, or holds Python objects whose unpickling could run code, "
-            "which promptseg refuses). Save the weights alone with "
-            "torch.save(model.state_dict(), FILE) or as .safetensors, or download them again."
-        ) from exc
+    except CheckpointFormatError:
+        raise
+    except pickle.UnpicklingError as exc:  # torch's weights_only text is a page: one line instead
+        raise CheckpointFormatError(_unreadable_pickle(path, exc)) from None
     except Exception as exc:  # torch / safetensors / zipfile raise many types for a bad file
+        content = _not_a_checkpoint(path)
+        if content is not None:
+            raise CheckpointFormatError(
+                f"{path} is not a checkpoint: {content}. Give a PyTorch (.pt, .pth, .bin, "
+                ".ckpt), TorchScript or .safetensors weights file."
+            ) from None
         raise CheckpointFormatError(
             f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): "
             f"{type(exc).__name__}: {_first_line(exc)}. The file may be truncated or corrupted "
@@ -465,22 +512,132 @@ def weights_sha256(path: str | os.PathLike[str]) -> str:
     if not path.is_dir():
         return sha256_file(path)
     if _is_pipeline(path):
-        files = [f for _, f in _pipeline_files(path)]
-        names = [f.relative_to(path).as_posix() for f in files]
-    else:
-        files = _pretrained_files(path)
-        names = [f.name for f in files]
+        return files_sha256(path, [f for _, f in _pipeline_files(path)])
+    return files_sha256(path, _pretrained_files(path))
+
+
+def files_sha256(folder: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]]) -> str:
+    """The sha256 of the text ``sha256sum`` prints for `files` (in this order), each named
+    relative to `folder`: what identifies weights read from several files of one folder."""
+    folder = Path(folder)
+    names = [Path(f).relative_to(folder).as_posix() for f in files]
     listing = "".join(f"{sha256_file(f)}  {n}\n" for f, n in zip(files, names, strict=True))
     return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def read_checkpoint(card: Any, path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """What `checkpoint_path=` and `promptseg convert` read -> (state dict in a layout the card's
+    converter reads, sha256 of what was read).
+
+    A folder goes to the converter's `read_folder(folder, config)` hook when it has one (a family
+    released as several files, e.g. ODISE: its .pth, sd-v1-3.ckpt and OpenAI's CLIP), which
+    returns (state dict, the files it read), or None to read the folder the common way; the
+    hook's `layout` attribute says what such a folder holds (for error messages). The files a
+    user points at are read as they are: zoo.yaml's sha256 apply to downloads only.
+    """
+    path = Path(path)
+    reader = _folder_reader(card) if path.is_dir() else None
+    found = reader(path, card.config) if reader is not None else None
+    if found is None:
+        return load_state_dict_file(path), weights_sha256(path)
+    state, files = found
+    return state, files_sha256(path, files)
+
+
+def _folder_reader(card: Any) -> Any:
+    """The card's converter's `read_folder` hook, or None."""
+    if card.converter is None:
+        return None
+    return getattr(lookup("converter", card.converter), "read_folder", None)
+
+
+TRAINING_METADATA_NAMESPACES = (
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "numpy.",
+)
+"""Modules whose pickled objects a checkpoint may hold beside its tensors (training metadata:
+Lightning callbacks, numpy scalars of logged scores). They are read as inert stubs and dropped;
+the weights never depend on them. An object from anywhere else is refused."""
+
+
+class TrainingMetadata:
+    """Inert stand-in for a training framework's pickled object (e.g. the state of a Lightning
+    `ModelCheckpoint` callback): it takes any arguments and state and keeps none of them."""
+
+    pickled_name = "training metadata"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> TrainingMetadata:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<unread {self.pickled_name}>"
+
+
+def _stub(name: str) -> type[TrainingMetadata]:
+    """A TrainingMetadata subclass named after the pickled global it stands for."""
+    return type(f"unread {name}", (TrainingMetadata,), {"pickled_name": name})
 
 
 def _read_checkpoint(path: Path) -> Any:
     """Read one file with the reader its container needs, never unpickling arbitrary objects."""
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device="cpu")
+    if not zipfile.is_zipfile(path):  # the legacy torch.save format: a bare pickle stream
+        return _load_pickle(path, known=[], mmap=False)
     if _is_torchscript(path):
         return torch.jit.load(path, map_location="cpu").state_dict()
-    return torch.load(path, map_location="cpu", weights_only=True)
+    lister = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    unsafe = list(lister(str(path))) if lister is not None else []  # else found while loading
+    refused = [name for name in unsafe if not name.startswith(TRAINING_METADATA_NAMESPACES)]
+    if refused:
+        raise CheckpointFormatError(_refused_objects(path, refused))
+    return _load_pickle(path, known=unsafe, mmap=True)
+
+
+def _load_pickle(path: Path, known: Sequence[str], mmap: bool) -> Any:
+    """torch.load with weights_only=True, training-metadata globals (`known`, and any the load
+    names) read as stubs; any other global is refused before it is unpickled."""
+    stubs = {name: _stub(name) for name in known}
+    while True:
+        if stubs and TorchVersion(torch.__version__) < "2.6":  # no (stand-in, name) allowlist
+            raise CheckpointFormatError(
+                f"Cannot read checkpoint {path}: it pickles training objects ({', '.join(stubs)})"
+                f" that torch {torch.__version__} cannot skip safely; torch >= 2.6 reads it."
+            )
+        try:
+            if not stubs:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            with torch.serialization.safe_globals([(cls, name) for name, cls in stubs.items()]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as exc:
+            name = _refused_global(exc)
+            if name is None or name in stubs or not name.startswith(TRAINING_METADATA_NAMESPACES):
+                raise
+            stubs[name] = _stub(name)  # a legacy file, or a torch that cannot list them first
+
+
+def _refused_global(exc: pickle.UnpicklingError) -> str | None:
+    """The global a weights_only load refused, from torch's message (None: another failure)."""
+    found = re.search(r"GLOBAL (\S+) was not an allowed global|Unsupported class (\S+)", str(exc))
+    return (found.group(1) or found.group(2)) if found else None
+
+
+def _refused_objects(path: Path, names: Sequence[str]) -> str:
+    """One line: the file pickles objects promptseg will not unpickle."""
+    return (
+        f"Cannot read checkpoint {path}: it pickles Python objects other than tensors and "
+        f"training metadata ({', '.join(names[:5])}), whose unpickling could run code; "
+        "promptseg refuses them. Save the weights alone with torch.save(model.state_dict(), "
+        "FILE) or as .safetensors, or download the file again."
+    )
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -489,13 +646,85 @@ def _is_torchscript(path: Path) -> bool:
     A zip's CRC-32s are checked on the way (torch does not check them), so a corrupted byte in
     the tensor data is an error rather than a silently different weight.
     """
-    if not zipfile.is_zipfile(path):
-        return False
     with zipfile.ZipFile(path) as zf:
         corrupted = zf.testzip()
         if corrupted is not None:
-            raise CheckpointFormatError(f"zip member {corrupted} fails its CRC-32 check")
+            raise CheckpointFormatError(
+                f"Cannot read checkpoint {path}: its zip member {corrupted} fails its CRC-32 "
+                "check. The file is corrupted: delete it and download it again."
+            )
         return any(PurePosixPath(name).name == "constants.pkl" for name in zf.namelist())
+
+
+def _unreadable_pickle(path: Path, exc: pickle.UnpicklingError) -> str:
+    """One line saying why a pickle did not load under weights_only (torch's text is a page)."""
+    name = _refused_global(exc)
+    if name is not None:
+        return _refused_objects(path, [name])
+    content = _not_a_checkpoint(path)
+    if content is not None:
+        return (
+            f"{path} is not a checkpoint: {content}. Give a PyTorch (.pt, .pth, .bin, .ckpt), "
+            "TorchScript or .safetensors weights file."
+        )
+    return (
+        f"Cannot read checkpoint {path} ({path.stat().st_size} bytes): it is corrupted, or holds "
+        "Python objects whose unpickling could run code, and promptseg reads tensors only. Save "
+        "the weights alone with torch.save(model.state_dict(), FILE) or as .safetensors, or "
+        "download the file again."
+    )
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """What a file that cannot be a checkpoint is instead (from its first bytes), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        return None
+    text = head.lstrip()
+    if not head:
+        return "it is empty (an interrupted download?)"
+    if head.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the file it points to (run `git lfs pull`)"
+    if text[:1] == b"<" or text[:9].lower() == b"<!doctype":
+        return "it is an HTML page (a login or error page saved instead of the file?)"
+    for magic, kind in _FILE_MAGIC:
+        if head.startswith(magic):
+            return f"it is {kind}"
+    if head.startswith(b"PK"):
+        with contextlib.suppress(Exception):  # zipfile raises many types for a damaged archive
+            with zipfile.ZipFile(path) as zf:
+                if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                    return "it is a zip archive without data.pkl (not written by torch.save)"
+        return None
+    if head[:1] != b"\x80" and _is_text(head):
+        return "it is a text file"
+    return None
+
+
+_FILE_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"%PDF", "a PDF document"),
+    (b"\x1f\x8b", "a gzip archive (unpack it first)"),
+    (b"BZh", "a bzip2 archive (unpack it first)"),
+    (b"\xfd7zXZ", "an xz archive (unpack it first)"),
+    (b"7z\xbc\xaf", "a 7-zip archive (unpack it first)"),
+    (b"\x89HDF", "an HDF5 file (Keras / TensorFlow weights?)"),
+)
+
+
+def _is_text(head: bytes) -> bool:
+    """Whether bytes read as UTF-8 text of printable characters and whitespace."""
+    try:
+        decoded = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        decoded = head[: exc.start].decode("utf-8")
+    return all(c.isprintable() or c in "\t\r\n" for c in decoded)
 
 
 def _checked_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -758,21 +987,58 @@ def fetch_native(
         )
         return state
     tried = "\n\n".join(f"Option {i + 1}: {f}" for i, f in enumerate(failures))
+    layout = getattr(_folder_reader(card), "layout", None)  # what the converter's folders hold
+    folder_note = (
+        f" A folder holding {layout} also works: checkpoint_path=FOLDER, or "
+        f"`promptseg convert {card.name} FOLDER` once."
+        if layout
+        else ""
+    )
     raise WeightsNotFoundError(
         f"no weights for {card.name} could be found or downloaded. Any one option below is enough; "
-        f"or convert a file you have with `promptseg convert {card.name} FILE`.\n\n{tried}"
+        f"or convert a file you have with `promptseg convert {card.name} FILE`.{folder_note}"
+        f"\n\n{tried}"
     )
 
 
 def _component_note(route: Any, card: Any, cache_dir: str | os.PathLike[str] | None) -> str:
-    """Tell up front which shared components a route also needs, and where they go."""
-    lines = [
-        f"\nThis option also needs the component {name}: one of "
-        + ", ".join(str(cache_root(cache_dir) / name / s.filename) for s in card.components[name])
-        + f" (sources: {'; '.join(s.describe() for s in card.components[name])})."
-        for name in route.requires
-    ]
+    """Tell up front which shared components a route also needs, whether each is already there,
+    and where a missing one goes (with its sha256 when zoo.yaml records it)."""
+    lines = []
+    for name in route.requires:
+        sources = card.components[name]
+        found = _cached_component(name, sources, cache_dir)
+        if found is not None:
+            lines.append(f"\nThis option also needs the component {name}: present at {found}.")
+            continue
+        paths = list(dict.fromkeys(str(cache_root(cache_dir) / name / s.filename) for s in sources))
+        sha = [f"{s.filename} sha256 {s.sha256}" for s in sources if s.sha256]
+        lines.append(
+            f"\nThis option also needs the component {name} (missing): put it at "
+            + " or ".join(paths)
+            + (f" ({'; '.join(sha)})" if sha else "")
+            + f"; sources: {'; '.join(s.describe() for s in sources)}."
+        )
     return "".join(lines)
+
+
+def _cached_component(
+    name: str, sources: Sequence[WeightSource], cache_dir: str | os.PathLike[str] | None
+) -> Path | None:
+    """Where a component's file already is (the promptseg cache, or the Hugging Face cache for
+    a hub source), without downloading or verifying anything; None when nowhere."""
+    for source in sources:
+        cached = cache_root(cache_dir) / name / source.filename
+        if cached.is_file() or (source.kind == "manual" and cached.is_dir()):
+            return cached
+        if source.kind == "hf":
+            with contextlib.suppress(Exception):  # a malformed repo id: treat as absent
+                hub = huggingface_hub.try_to_load_from_cache(
+                    source.repo, source.filename, revision=source.revision
+                )
+                if isinstance(hub, str):
+                    return Path(hub)
+    return None
 
 
 def where_to_get(card: Any, cache_dir: str | os.PathLike[str] | None = None) -> str:
@@ -791,13 +1057,16 @@ def blame_file(path: str | os.PathLike[str], hint: str) -> Iterator[None]:
     try:
         yield
     except CheckpointFormatError as exc:
-        raise CheckpointFormatError(f"{path}: {exc}\n{hint}") from exc
+        named = str(path) in str(exc)  # the reader's own message already says which file
+        raise CheckpointFormatError(f"{'' if named else f'{path}: '}{exc}\n{hint}") from exc
 
 
 def checkpoint_hint(card: Any, cache_dir: str | os.PathLike[str] | None) -> str:
     """What a `checkpoint_path` / `promptseg convert` file must be, and where to get one."""
+    layout = getattr(_folder_reader(card), "layout", None)
+    folder = f", or a folder holding {layout}" if layout else ""
     return (
-        f"It must be a {card.family} checkpoint in a layout promptseg converts "
+        f"It must be a {card.family} checkpoint in a layout promptseg converts{folder} "
         f"(`promptseg info {card.name}` lists the sources). {where_to_get(card, cache_dir)}"
     )
 
@@ -902,8 +1171,7 @@ def pretrained_state(
     if checkpoint_path is not None:
         origin = str(checkpoint_path)
         with blame_file(origin, checkpoint_hint(card, cache_dir)):
-            read = load_state_dict_file(checkpoint_path)
-            digest = weights_sha256(checkpoint_path)
+            read, digest = read_checkpoint(card, checkpoint_path)
             state = convert_checkpoint(card, read, cache_dir=cache_dir, progress=progress)
         return state, origin, digest
     native = native_checkpoint_path(card, cache_dir)

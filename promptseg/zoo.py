@@ -334,9 +334,10 @@ def create_model(
 ) -> torch.nn.Module:
     """Build a model by name and load its weights (random init when `pretrained=False`).
 
-    `checkpoint_path` (a file or a save_pretrained directory, in any layout a converter knows)
-    takes precedence over the cache, the Hugging Face hub and URLs. `model.card.weights_sha256`
-    (and every result's `meta`) records the sha256 of the weights read (`weights.weights_sha256`).
+    `checkpoint_path` (a file or a save_pretrained directory, in any layout a converter knows,
+    or a folder of a family's official files, e.g. ODISE's .pth + sd-v1-3.ckpt + CLIP) takes
+    precedence over the cache, the Hugging Face hub and URLs. `model.card.weights_sha256`
+    (and every result's `meta`) records the sha256 of the weights read (`weights.read_checkpoint`).
     `config` and `data_config` are merged recursively into the architecture's zoo.yaml entries
     (unknown keys raise).
     `backbone` / `head` merge into those parts, or replace them when they name another

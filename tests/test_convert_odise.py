@@ -8,16 +8,9 @@ CompVis LDM modules (its metadata says how), with reference feature taps compute
 from __future__ import annotations
 
 import inspect
-import json
-import sys
-import types
-from functools import cache
-from pathlib import Path
 
 import open_clip
 import pytest
-import safetensors
-import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -27,143 +20,19 @@ from promptseg.convert.common import strip_prefix
 from promptseg.errors import CheckpointFormatError, WeightsNotFoundError
 from promptseg.registry import lookup
 from promptseg.zoo import build_model
-
-FIXTURE = Path(__file__).parent / "data" / "odise_ldm_tiny.safetensors"
-TEXT_PREFIX = "cond_stage_model.transformer.text_model."
-
-# spec §8.2 shapes of the release; TINY: the same structure at small widths
-REAL = dict(clip=768, context=768, tokens=77, time=1280, bottleneck=128, proj=512, hidden=256,
-            taps=(512, 512, 2560, 1920, 960, 640, 512, 512), enc_ff=1024, dec_ff=2048,
-            queries=100, offsets=192, weights=96, classes=134)  # fmt: skip
-TINY = dict(clip=8, context=8, tokens=77, time=16, bottleneck=4, proj=8, hidden=8,
-            taps=(8, 8, 12, 6, 6, 4, 8, 8), enc_ff=16, dec_ff=16,
-            queries=5, offsets=48, weights=24, classes=3)  # fmt: skip
-TINY_CLIP = dict(
-    embed_dim=8,
-    quick_gelu=True,
-    vision_cfg=dict(image_size=28, layers=1, width=16, patch_size=14, head_width=8),
-    text_cfg=dict(context_length=77, vocab_size=64, width=16, heads=2, layers=1),
+from tests.odise_fixtures import (
+    REAL,
+    TEXT_PREFIX,
+    TINY,
+    TINY_CLIP,
+    official_shapes,
+    official_state_dict,
+    save_lightning_checkpoint,
+    save_openai_style_archive,
+    tiny_clip_state,
+    tiny_original_config,
+    tiny_sd,
 )
-
-
-def official_shapes(classifier: str, d: dict) -> dict[str, tuple[int, ...]]:
-    """Every key of an ODISE release .pth with its shape, written from the spec's §8.2 table."""
-    h, c, t = d["hidden"], d["clip"], d["time"]
-    s = {
-        "backbone.feature_extractor.alpha_cond": (1, d["tokens"], d["context"]),
-        "backbone.feature_extractor.clip_project.positional_embedding": (1, d["tokens"], c),
-        "backbone.feature_extractor.clip_project.linear.weight": (d["context"], c),
-        "backbone.feature_extractor.clip_project.linear.bias": (d["context"],),
-        "backbone.feature_extractor.alpha_cond_time_embed": (t,),
-        "backbone.feature_extractor.time_embed_project.positional_embedding": (1, 1, t),
-        "backbone.feature_extractor.time_embed_project.linear.weight": (t, c),
-        "backbone.feature_extractor.time_embed_project.linear.bias": (t,),
-    }
-    b, p = d["bottleneck"], d["proj"]
-    for i, ci in enumerate(d["taps"]):
-        convs = {"conv1": (b, ci, 1, 1), "conv2": (b, b, 3, 3), "conv3": (p, b, 1, 1)}
-        if 2 <= i <= 5:
-            convs["shortcut"] = (p, ci, 1, 1)
-        for name, shape in convs.items():
-            pre = f"backbone.feature_projections.{i}.0.{name}"
-            s[f"{pre}.weight"] = shape
-            s[f"{pre}.norm.weight"] = s[f"{pre}.norm.bias"] = (shape[0],)
-    pd = "sem_seg_head.pixel_decoder."
-    for i in range(3):
-        s[f"{pd}input_proj.{i}.0.weight"] = (h, p, 1, 1)
-        for k in ("0.bias", "1.weight", "1.bias"):
-            s[f"{pd}input_proj.{i}.{k}"] = (h,)
-    s[f"{pd}transformer.level_embed"] = (3, h)
-    for i in range(6):
-        layer = f"{pd}transformer.encoder.layers.{i}."
-        for name, rows in (("sampling_offsets", d["offsets"]), ("attention_weights", d["weights"]),
-                           ("value_proj", h), ("output_proj", h)):  # fmt: skip
-            s[f"{layer}self_attn.{name}.weight"], s[f"{layer}self_attn.{name}.bias"] = (
-                (rows, h),
-                (rows,),
-            )
-        s[f"{layer}linear1.weight"], s[f"{layer}linear1.bias"] = (d["enc_ff"], h), (d["enc_ff"],)
-        s[f"{layer}linear2.weight"], s[f"{layer}linear2.bias"] = (h, d["enc_ff"]), (h,)
-        for norm in ("norm1", "norm2"):
-            s[f"{layer}{norm}.weight"] = s[f"{layer}{norm}.bias"] = (h,)
-    s[f"{pd}mask_features.weight"], s[f"{pd}mask_features.bias"] = (h, h, 1, 1), (h,)
-    s[f"{pd}adapter_1.weight"] = (h, p, 1, 1)
-    s[f"{pd}layer_1.weight"] = (h, h, 3, 3)
-    for name in ("adapter_1", "layer_1"):
-        s[f"{pd}{name}.norm.weight"] = s[f"{pd}{name}.norm.bias"] = (h,)
-    pr = "sem_seg_head.predictor."
-    for i in range(9):
-        for kind, attn in (("self", "self_attn"), ("cross", "multihead_attn")):
-            layer = f"{pr}transformer_{kind}_attention_layers.{i}."
-            s[f"{layer}{attn}.in_proj_weight"], s[f"{layer}{attn}.in_proj_bias"] = (
-                (3 * h, h),
-                (3 * h,),
-            )
-            s[f"{layer}{attn}.out_proj.weight"], s[f"{layer}{attn}.out_proj.bias"] = (h, h), (h,)
-            s[f"{layer}norm.weight"] = s[f"{layer}norm.bias"] = (h,)
-        ffn = f"{pr}transformer_ffn_layers.{i}."
-        s[f"{ffn}linear1.weight"], s[f"{ffn}linear1.bias"] = (d["dec_ff"], h), (d["dec_ff"],)
-        s[f"{ffn}linear2.weight"], s[f"{ffn}linear2.bias"] = (h, d["dec_ff"]), (h,)
-        s[f"{ffn}norm.weight"] = s[f"{ffn}norm.bias"] = (h,)
-    s[f"{pr}decoder_norm.weight"] = s[f"{pr}decoder_norm.bias"] = (h,)
-    s[f"{pr}query_feat.weight"] = s[f"{pr}query_embed.weight"] = (d["queries"], h)
-    s[f"{pr}level_embed.weight"] = (3, h)
-    for mlp in ("mask_embed", "post_mask_embed.mask_embed.1"):
-        for i in range(3):
-            s[f"{pr}{mlp}.layers.{i}.weight"], s[f"{pr}{mlp}.layers.{i}.bias"] = (h, h), (h,)
-    s[f"{pr}post_mask_embed.logit_scale"] = ()
-    for ln in ("pool_proj.0", "mask_embed.0"):
-        s[f"{pr}post_mask_embed.{ln}.weight"] = s[f"{pr}post_mask_embed.{ln}.bias"] = (h,)
-    s[f"{pr}post_mask_embed.pool_proj.1.weight"] = (h, h)
-    s[f"{pr}post_mask_embed.pool_proj.1.bias"] = (h,)
-    text = "category_head" if classifier == "label" else "word_head"
-    s[f"{text}.text_proj.weight"], s[f"{text}.text_proj.bias"] = (h, c), (h,)
-    if classifier == "label":
-        s["category_head.null_embed"] = (1, c)
-        s["criterion.empty_weight"] = (d["classes"],)
-    else:
-        s[f"{pr}class_embed.weight"], s[f"{pr}class_embed.bias"] = (2, h), (2,)
-        s["criterion.empty_weight"] = (2,)
-    return s
-
-
-def official_state_dict(classifier: str, dims: dict, device: str = "cpu") -> dict:
-    """A synthetic release state dict: random values, or empty meta tensors at real sizes."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = official_shapes(classifier, dims)
-    if device == "meta":
-        return {k: torch.empty(v, device="meta") for k, v in shapes.items()}
-    return {k: torch.randn(v, generator=gen) for k, v in shapes.items()}
-
-
-@cache
-def tiny_sd() -> tuple[dict, dict, dict]:
-    """(tiny LDM checkpoint, reference tensors, metadata) from the fixture; the text encoder's token
-    embedding is rebuilt from its two stored rows (BOS, EOS: all the empty prompt uses)."""
-    tensors = safetensors.torch.load_file(FIXTURE)
-    with safetensors.safe_open(str(FIXTURE), "pt") as f:
-        meta = f.metadata()
-    refs = {k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}
-    ckpt = {k: v for k, v in tensors.items() if not k.startswith("ref.")}
-    rows = refs.pop("token_embedding_rows")
-    embedding = torch.zeros(49408, rows.shape[1])
-    embedding[[conv.BOS, conv.EOS]] = rows
-    ckpt[f"{TEXT_PREFIX}embeddings.token_embedding.weight"] = embedding
-    return ckpt, refs, meta
-
-
-def tiny_original_config() -> dict:
-    return json.loads(tiny_sd()[2]["original_config"])
-
-
-def tiny_clip_state(scalars: bool = True) -> dict:
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CLIP)
-    state = {k: v.half() for k, v in model.state_dict().items()}  # OpenAI's JIT file is fp16
-    if scalars:
-        state.update(input_resolution=torch.tensor(28), context_length=torch.tensor(77))
-        state["vocab_size"] = torch.tensor(64)
-    return state
 
 
 def diffusers_models(unet_config: dict, vae_config: dict) -> tuple:
@@ -363,19 +232,6 @@ def test_clip_state_dict_to_native():
         conv.clip_to_native(tiny_clip_state())
 
 
-def save_openai_style_archive(path: Path) -> torch.nn.Module:
-    """A tiny CLIP saved as TorchScript with the keys of OpenAI's archive (its three int scalars,
-    no attention-mask buffer)."""
-    model = open_clip.model.CLIP(**TINY_CLIP)
-    del model.context_length, model.vocab_size  # ints here, tensors in OpenAI's archive
-    del model._buffers["attn_mask"]  # a plain attribute in OpenAI's model, so not in the archive
-    model.attn_mask = None
-    for name, value in (("input_resolution", 28), ("context_length", 77), ("vocab_size", 64)):
-        model.register_buffer(name, torch.tensor(value))
-    torch.jit.save(torch.jit.script(model), str(path))
-    return model
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_clip_jit_archive(tmp_path):
     path = tmp_path / "ViT-L-14-336px.pt"
@@ -418,37 +274,15 @@ def test_convert_odise_end_to_end(tiny_defaults):
         converter({"encoder.weight": torch.zeros(1)}, None)
 
 
-def fake_lightning_module() -> types.ModuleType:
-    """A stand-in `pytorch_lightning.callbacks.model_checkpoint` so torch.save pickles a Lightning
-    object the way sd-v1-3.ckpt does (its `callbacks` entry)."""
-    module = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
-
-    class ModelCheckpoint:
-        def __init__(self) -> None:
-            self.best_model_path = "last.ckpt"
-
-    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = module.__name__, "ModelCheckpoint"
-    module.ModelCheckpoint = ModelCheckpoint
-    return module
-
-
 @pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
-def test_folder_to_native(tmp_path, tiny_defaults, monkeypatch):
+def test_folder_to_native(tmp_path, tiny_defaults):
     with pytest.raises(WeightsNotFoundError) as info:
         conv.folder_to_native(tmp_path, "caption")
     for name in ("odise_caption_coco_50e-853cc971.pth", "sd-v1-3.ckpt", "ViT-L-14-336px.pt"):
         assert str(tmp_path / name) in str(info.value)
     assert "huggingface.co/CompVis/stable-diffusion-v-1-3-original" in str(info.value)
 
-    lightning = fake_lightning_module()
-    packages = ("pytorch_lightning", "pytorch_lightning.callbacks")
-    with monkeypatch.context() as patch:
-        for name in packages:
-            patch.setitem(sys.modules, name, types.ModuleType(name))
-        patch.setitem(sys.modules, lightning.__name__, lightning)
-        callbacks = {"ModelCheckpoint": lightning.ModelCheckpoint()}
-        torch.save({"state_dict": tiny_sd()[0], "callbacks": callbacks}, tmp_path / "sd-v1-3.ckpt")
-    assert "pytorch_lightning" not in sys.modules  # read as by a user without Lightning
+    save_lightning_checkpoint(tmp_path / "sd-v1-3.ckpt", tiny_sd()[0])
     for tag in ("label", "caption"):
         model = {"model": official_state_dict(tag, TINY)}
         torch.save(model, tmp_path / conv.OFFICIAL_FILES[tag][0])

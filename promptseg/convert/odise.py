@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,8 @@ __all__ = [
     "empty_prompt_embedding",
     "folder_to_native",
     "load_checkpoint",
+    "official_files",
+    "read_folder",
     "odise_to_native",
     "official_keys",
     "sd_to_native",
@@ -490,7 +491,7 @@ def clip_to_native(
     import open_clip
 
     if isinstance(state_dict_or_jit_path, (str, os.PathLike)):
-        state = _jit_state_dict(Path(state_dict_or_jit_path))
+        state = _clip_file_state(Path(state_dict_or_jit_path))
     else:
         state = dict(state_dict_or_jit_path)
     state = {k: v for k, v in state.items() if k not in _CLIP_SCALARS}
@@ -515,78 +516,58 @@ def clip_to_native(
     return {f"clip.{k}": v for k, v in _fp32(state).items()}  # the JIT file is float16
 
 
-def _jit_state_dict(path: Path) -> StateDict:
-    """The state dict of a TorchScript archive (how OpenAI ships CLIP)."""
+def _clip_file_state(path: Path) -> StateDict:
+    """The state dict of OpenAI's CLIP file (a TorchScript archive, or a torch.save state dict)."""
     if not path.is_file():
         raise WeightsNotFoundError(
             f"{path} does not exist; get ViT-L-14-336px.pt from {OFFICIAL_FILES['clip'][1]}"
         )
-    try:
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-    except RuntimeError as exc:
-        raise CheckpointFormatError(
-            f"{path} is not a TorchScript archive (OpenAI's CLIP .pt); pass a state dict instead"
-        ) from exc
+    return load_checkpoint(path)
 
 
 # -- files ----------------------------------------------------------------------------------------
 
 
-class _TrainingMetadata:
-    """Inert stand-in for a training framework's object (e.g. a Lightning callback's state) met
-    while reading a checkpoint with weights_only=True; its content is discarded."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _TrainingMetadata:
-        return super().__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-
-# Namespaces whose pickled objects may be replaced by _TrainingMetadata: sd-v1-3.ckpt is a
-# PyTorch Lightning checkpoint whose `callbacks` entry pickles Lightning objects (and numpy
-# scalars); the weights never depend on them.
-_METADATA_NAMESPACES = ("pytorch_lightning.", "lightning.", "lightning_fabric.", "numpy.")
-
-
 def load_checkpoint(path: str | os.PathLike[str]) -> StateDict:
-    """A release file as a flat {name: tensor} dict: a TorchScript archive's state dict, or a
-    torch.save file read with weights_only=True (Lightning objects replaced by inert stubs, so
-    nothing in the file can run code), unwrapped from `model` / `state_dict`."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"{path} does not exist")
-    is_zip = zipfile.is_zipfile(path)
-    if is_zip:
-        with zipfile.ZipFile(path) as archive:
-            if any(name.endswith("/constants.pkl") for name in archive.namelist()):
-                return _jit_state_dict(path)
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    else:
-        unsafe = []  # legacy (pre-zip) format: weights_only reports any object itself
-    refused = [name for name in unsafe if not name.startswith(_METADATA_NAMESPACES)]
-    if refused:
-        raise CheckpointFormatError(
-            f"{path} pickles objects other than tensors and training metadata ({_listed(refused)});"
-            " promptseg does not unpickle them. Save the weights alone (torch.save(state_dict)) "
-            "or download the official file again."
+    """A release file as a flat {name: tensor} dict, read by the core's one checkpoint reader
+    (`weights.load_state_dict_file`: a TorchScript archive's state dict, or a torch.save file
+    under weights_only with Lightning objects as inert stubs), unwrapped from `model` /
+    `state_dict`."""
+    from ..weights import load_state_dict_file
+
+    return load_state_dict_file(path)
+
+
+def official_files(folder: str | os.PathLike[str], classifier: str) -> dict[str, Path]:
+    """The files of a folder `folder_to_native` reads, by role ("odise", "sd", "clip"); an error
+    naming each missing file, the path it belongs at and its URL."""
+    if classifier not in ("label", "caption"):
+        raise ValueError(f"classifier must be 'label' or 'caption', got {classifier!r}")
+    folder = Path(folder)
+    patterns = {
+        "odise": (classifier, f"odise_{classifier}_*.pth"),
+        "sd": ("sd", OFFICIAL_FILES["sd"][0]),
+        "clip": ("clip", OFFICIAL_FILES["clip"][0]),
+    }
+    found, absent = {}, []
+    for role, (kind, pattern) in patterns.items():
+        path, hint = _official_file(folder, kind, pattern)
+        if path is None:
+            absent.append(hint)
+        else:
+            found[role] = path
+    if absent:
+        raise WeightsNotFoundError(
+            f"{folder} lacks {len(absent)} of the files ODISE ({classifier}) is converted from; "
+            "download each to the path shown:\n  " + "\n  ".join(absent)
         )
-    with torch.serialization.safe_globals([(_TrainingMetadata, name) for name in unsafe]):
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    for wrapper in ("model", "state_dict"):
-        obj = _unwrap(obj, wrapper) if isinstance(obj, Mapping) else obj
-    if not isinstance(obj, Mapping):
-        raise CheckpointFormatError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return found
 
 
 def _official_file(folder: Path, kind: str, pattern: str) -> tuple[Path | None, str]:
     """(the file in `folder` matching `pattern`, or None; a line saying where it comes from)."""
     name, url = OFFICIAL_FILES[kind]
-    found = sorted(folder.glob(pattern))
+    found = sorted(p for p in folder.glob(pattern) if p.is_file())
     if len(found) > 1:
         raise CheckpointFormatError(
             f"{folder} holds several files matching {pattern}: {', '.join(p.name for p in found)}; "
@@ -597,26 +578,31 @@ def _official_file(folder: Path, kind: str, pattern: str) -> tuple[Path | None, 
 
 def folder_to_native(folder: str | os.PathLike[str], tag: str) -> StateDict:
     """A folder with the official files under their release names (the ODISE `.pth` of `tag`,
-    "label" | "caption", `sd-v1-3.ckpt`, `ViT-L-14-336px.pt`) -> the full native state dict."""
-    if tag not in ("label", "caption"):
-        raise ValueError(f"tag must be 'label' or 'caption', got {tag!r}")
-    folder = Path(folder)
-    odise, odise_hint = _official_file(folder, tag, f"odise_{tag}_*.pth")
-    sd, sd_hint = _official_file(folder, "sd", OFFICIAL_FILES["sd"][0])
-    clip, clip_hint = _official_file(folder, "clip", OFFICIAL_FILES["clip"][0])
-    found_files = ((odise, odise_hint), (sd, sd_hint), (clip, clip_hint))
-    absent = [hint for path, hint in found_files if path is None]
-    if absent:
-        raise WeightsNotFoundError(
-            f"{folder} lacks {len(absent)} of the files ODISE ({tag}) is converted from; "
-            "download each to the path shown:\n  " + "\n  ".join(absent)
-        )
-    components = {SD_COMPONENT: sd, CLIP_COMPONENT: clip}
+    "label" | "caption", `sd-v1-3.ckpt`, `ViT-L-14-336px.pt` or a CLIP state dict under that
+    name) -> the full native state dict. The files are read as they are (no sha256 check)."""
+    files = official_files(folder, tag)
+    components = {SD_COMPONENT: files["sd"], CLIP_COMPONENT: files["clip"]}
+    odise = files["odise"]
     native = convert_odise(load_checkpoint(odise), lambda name: load_checkpoint(components[name]))
     found = "label" if "text_head.null_embed" in native else "caption"
     if found != tag:
         raise CheckpointFormatError(f"{odise} is an ODISE {found} checkpoint, not {tag}")
     return native
+
+
+def read_folder(folder: Path, config: Mapping[str, Any]) -> tuple[StateDict, list[Path]]:
+    """The core's hook for `checkpoint_path=FOLDER` / `promptseg convert NAME FOLDER`: the
+    official files of the model's classifier (config `classifier`) -> (native state dict, the
+    files read, in the order their sha256 are listed)."""
+    classifier = config.get("classifier", "label")
+    files = official_files(folder, classifier)
+    return folder_to_native(folder, classifier), [files[r] for r in ("odise", "sd", "clip")]
+
+
+read_folder.layout = (
+    "the official files under their release names: odise_label_coco_50e-*.pth and/or "
+    "odise_caption_coco_50e-*.pth (each tag picks its own), sd-v1-3.ckpt and ViT-L-14-336px.pt"
+)
 
 
 def detect_layout(state_dict: Mapping[str, Any]) -> str:
@@ -655,3 +641,6 @@ def convert_odise(state_dict: StateDict, require: Require | None = None) -> Stat
     native.update(clip_to_native(require(CLIP_COMPONENT)))
     native["empty_prompt_embedding"] = empty_prompt_embedding(sd)
     return native
+
+
+convert_odise.read_folder = read_folder  # read by create_model(checkpoint_path=FOLDER)
