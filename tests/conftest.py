@@ -12,6 +12,8 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("PROMPTSEG_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("PROMPTSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # tests that go online fake the Hub and serve URLs locally: no reachability probe
+    monkeypatch.setattr("promptseg.weights._unreachable", lambda url: None)
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,7 @@ from promptseg.weights import (
     sha256_file,
     unwrap_state_dict,
 )
+from promptseg.weights import _unreachable as probe
 
 PAYLOAD = bytes(range(256)) * 64  # 16 KiB
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()
@@ -160,7 +161,7 @@ def test_url_checksum_mismatch_deletes_download(server: FileServer, tmp_path: Pa
     with pytest.raises(ChecksumError) as info:
         resolve_file("k", [source], cache_dir=tmp_path / "c", progress=False)
     assert "0" * 64 in str(info.value) and PAYLOAD_SHA in str(info.value)
-    assert list((tmp_path / "c" / "k").iterdir()) == []
+    assert not (tmp_path / "c" / "k").exists()  # deleted, and no empty folder left behind
 
 
 def test_checksum_mismatch_falls_through_to_next_source(server: FileServer, tmp_path: Path):
@@ -365,3 +366,35 @@ def test_directory_without_weights_raises(tmp_path: Path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointFormatError, match="config.json"):
         load_state_dict_file(tmp_path)
+
+
+def test_an_unreachable_network_fails_fast_and_leaves_no_empty_folder(
+    monkeypatch: pytest.MonkeyPatch, server: FileServer, tmp_path: Path
+):
+    """One quick connection attempt per host (no retries); the Hub is then only asked for its
+    cache; no empty cache folder is left behind."""
+    import time
+
+    from promptseg import weights
+
+    monkeypatch.setattr(weights, "_unreachable", probe)
+    monkeypatch.setattr(weights, "_REACHABILITY", {})
+    assert probe(server.url) is None  # the local test server answers
+    seen = []
+
+    def hub(repo_id, filename, **kwargs):
+        seen.append(kwargs["local_files_only"])
+        raise LocalEntryNotFoundError("not in cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hub)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.example.invalid")
+    hf = WeightSource("hf", "w.pth", repo="org/repo")
+    url = WeightSource("url", "w.pth", url="https://files.example.invalid/w.pth")
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError) as info:
+        resolve_file("k", [hf, url], cache_dir=tmp_path / "c", progress=False)
+    assert time.perf_counter() - start < 2 * weights.PROBE_SECONDS
+    assert seen == [True]
+    assert str(info.value).count("no network: cannot reach") == 2
+    assert not (tmp_path / "c" / "k").exists()
+    assert set(weights._REACHABILITY) >= {"hub.example.invalid", "files.example.invalid"}
