@@ -772,6 +772,23 @@ def _pipeline_files(folder: Path) -> list[tuple[str, Path]]:
     return files
 
 
+def read_empty_prompt_embedding(folder: Path) -> torch.Tensor | None:
+    """The `embedding` [1, L, C] of `empty_prompt_embedding.safetensors` in `folder` (the text
+    conditioning of a diffusion backbone, computed once elsewhere), or None without that file."""
+    path = folder / EMBEDDING_FILE
+    if not path.is_file():
+        return None
+    tensors = load_state_dict_file(path)
+    embedding = tensors.get("embedding")
+    if embedding is None or embedding.ndim != 3 or set(tensors) - {"embedding", "padded"}:
+        raise CheckpointFormatError(
+            f"{path} must hold a tensor named `embedding` [1, L, C] (and optionally `padded`, "
+            f"the training context), found "
+            + ", ".join(f"{k} {list(v.shape)}" for k, v in sorted(tensors.items()))
+        )
+    return embedding
+
+
 def _load_pipeline(folder: Path) -> dict[str, torch.Tensor]:
     """`unet.*`, `vae.*` from a pipeline's component folders, and `empty_prompt_embedding` from
     `empty_prompt_embedding.safetensors` (key `embedding`; `padded` is for training) beside them."""
@@ -780,14 +797,9 @@ def _load_pipeline(folder: Path) -> dict[str, torch.Tensor]:
         component = _component_folder(folder, name)
         if component is not None:
             state.update({f"{name}.{k}": v for k, v in load_state_dict_file(component).items()})
-    if (folder / EMBEDDING_FILE).is_file():
-        embedding = load_state_dict_file(folder / EMBEDDING_FILE)
-        if "embedding" not in embedding or set(embedding) - {"embedding", "padded"}:
-            raise CheckpointFormatError(
-                f"{folder / EMBEDDING_FILE} must hold a tensor named `embedding` [1, L, C] (and "
-                f"optionally `padded`, the training context), found {sorted(embedding)}"
-            )
-        state["empty_prompt_embedding"] = embedding["embedding"]
+    embedding = read_empty_prompt_embedding(folder)
+    if embedding is not None:
+        state["empty_prompt_embedding"] = embedding
     if not state:
         raise CheckpointFormatError(
             f"pipeline folder {folder} has no component weights (looked in "

@@ -245,6 +245,30 @@ def test_folder_missing_files_are_named(tmp_path):
         )
 
 
+def test_an_embedding_file_replaces_the_sd_text_encoder(official, models, defaults, tmp_path):
+    """sd-v1-3.ckpt without its text encoder loads when empty_prompt_embedding.safetensors
+    (key `embedding`) lies beside it; without either, the error names both ways."""
+    import shutil
+
+    import safetensors.torch
+
+    folder, _ = official
+    for name in (PTH["label"], "ViT-L-14-336px.pt"):
+        shutil.copy(folder / name, tmp_path / name)
+    no_text = {k: v for k, v in folder_sd_state().items() if not k.startswith("cond_stage_model.")}
+    save_lightning_checkpoint(tmp_path / "sd-v1-3.ckpt", no_text)
+    config = tiny_model_config("label")
+    with pytest.raises(CheckpointFormatError, match="empty_prompt_embedding.safetensors"):
+        promptseg.create_model("odise_test_tiny", checkpoint_path=tmp_path, config=config)
+    embedding = torch.randn(1, 77, models["label"].empty_prompt_embedding.shape[-1])
+    safetensors.torch.save_file(
+        {"embedding": embedding}, tmp_path / "empty_prompt_embedding.safetensors"
+    )
+    model = promptseg.create_model("odise_test_tiny", checkpoint_path=tmp_path, config=config)
+    assert torch.equal(model.empty_prompt_embedding, embedding)
+    assert torch.equal(model.clip.visual.proj, models["label"].clip.visual.proj)
+
+
 def test_plain_clip_state_dict_reads_like_the_archive(official, tmp_path):
     folder, written = official
     plain = tmp_path / "ViT-L-14-336px.pt"

@@ -436,13 +436,16 @@ def empty_prompt_embedding(ldm_state_dict: Mapping[str, Any]) -> torch.Tensor:
     encodes it: full `last_hidden_state` [1, 77, C] (after the final LayerNorm), float32."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ..weights import EMBEDDING_FILE
+
     ckpt = _unwrap(ldm_state_dict, "state_dict")
     weights = strip_prefix(ckpt, f"{_SD_TEXT}transformer.")
     if not weights:
         raise CheckpointFormatError(
             "the Stable Diffusion checkpoint has no text encoder (cond_stage_model.transformer.*),"
             f" needed once for the empty-prompt embedding; use sd-v1-3.ckpt from "
-            f"{OFFICIAL_FILES['sd'][1]}"
+            f"{OFFICIAL_FILES['sd'][1]}, or put that embedding beside the files as "
+            f"{EMBEDDING_FILE} (a tensor `embedding` [1, 77, C])"
         )
     # transformers < 5 names start with `text_model.`, transformers 5 drops that level
     weights = strip_prefix(weights, "text_model.") or weights
@@ -580,10 +583,16 @@ def folder_to_native(folder: str | os.PathLike[str], tag: str) -> StateDict:
     """A folder with the official files under their release names (the ODISE `.pth` of `tag`,
     "label" | "caption", `sd-v1-3.ckpt`, `ViT-L-14-336px.pt` or a CLIP state dict under that
     name) -> the full native state dict. The files are read as they are (no sha256 check)."""
+    from ..weights import read_empty_prompt_embedding
+
     files = official_files(folder, tag)
     components = {SD_COMPONENT: files["sd"], CLIP_COMPONENT: files["clip"]}
     odise = files["odise"]
-    native = convert_odise(load_checkpoint(odise), lambda name: load_checkpoint(components[name]))
+    native = convert_odise(
+        load_checkpoint(odise),
+        lambda name: load_checkpoint(components[name]),
+        text_embedding=read_empty_prompt_embedding(Path(folder)),  # instead of SD's text encoder
+    )
     found = "label" if "text_head.null_embed" in native else "caption"
     if found != tag:
         raise CheckpointFormatError(f"{odise} is an ODISE {found} checkpoint, not {tag}")
@@ -617,9 +626,14 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 
 
 @register_converter("odise")
-def convert_odise(state_dict: StateDict, require: Require | None = None) -> StateDict:
+def convert_odise(
+    state_dict: StateDict,
+    require: Require | None = None,
+    text_embedding: torch.Tensor | None = None,
+) -> StateDict:
     """ODISE release `.pth` (+ the SD v1.3 and CLIP components through `require`), or promptseg's
-    own file -> the full native state dict (what `checkpoint_path=` accepts)."""
+    own file -> the full native state dict (what `checkpoint_path=` accepts). The empty-prompt
+    embedding is computed from SD's text encoder unless `text_embedding` [1, 77, C] is given."""
     layout = detect_layout(state_dict)
     if layout == "native":
         return state_dict
@@ -639,7 +653,9 @@ def convert_odise(state_dict: StateDict, require: Require | None = None) -> Stat
     sd_native, _, _ = sd_to_native(sd)
     native.update(sd_native)
     native.update(clip_to_native(require(CLIP_COMPONENT)))
-    native["empty_prompt_embedding"] = empty_prompt_embedding(sd)
+    if text_embedding is None:
+        text_embedding = empty_prompt_embedding(sd)
+    native["empty_prompt_embedding"] = text_embedding
     return native
 
 
