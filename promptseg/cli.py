@@ -114,8 +114,9 @@ def _check_model_args(args: argparse.Namespace) -> bool:
     return takes_weights
 
 
-def _build_model(args: argparse.Namespace):
-    """The model of --model with --checkpoint, --cache-dir, --device and --config (checked)."""
+def model_from_args(args: argparse.Namespace, **options: Any):
+    """The model of --model with --checkpoint, --random-weights, --cache-dir, --device and
+    --config (checked first); `options` go to create_model (e.g. dtype)."""
     import torch
 
     from .overrides import parse_key_values
@@ -128,9 +129,10 @@ def _build_model(args: argparse.Namespace):
             args.model,
             pretrained=pretrained,
             checkpoint_path=args.checkpoint,
-            cache_dir=args.cache_dir,
+            cache_dir=getattr(args, "cache_dir", None),
             device=args.device,
             config=parse_key_values(args.config),
+            **options,
         )
 
 
@@ -316,7 +318,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         _need_file(args.prompt_file, "--prompt-file")
     if Path(args.output).is_file():
         raise ValueError(f"--output {args.output!r} is a file; give a folder to write into")
-    model = _build_model(args)
+    model = model_from_args(args)
     if args.prompt_file:
         prompts = model.load_prompt_embedding(args.prompt_file)
     result = model.segment(args.image, prompts, level=args.level, threshold=args.threshold)
@@ -340,7 +342,7 @@ def cmd_encode_prompt(args: argparse.Namespace) -> int:
         )
     if Path(args.output).is_dir():
         raise ValueError(f"--output {args.output!r} is a folder; give the file to write")
-    model = _build_model(args)
+    model = model_from_args(args)
     model.save_prompt_embedding(model.encode_prompt(model.prepare_prompts(prompts)), args.output)
     print(f"encoded {len(prompts)} prompt(s) into {args.output}")
     return 0
@@ -394,7 +396,7 @@ def cmd_segment_video(args: argparse.Namespace) -> int:
             f"{frames[0].stem}.png in --masks-dir {args.masks_dir}"
         )
     later = {t: annotations[p.stem] for t, p in enumerate(frames) if t and p.stem in annotations}
-    model = _build_model(args)
+    model = model_from_args(args)
     options = {"memory": args.memory} if args.memory else {}
     if later:
         if "masks" not in inspect.signature(model.segment_video).parameters:

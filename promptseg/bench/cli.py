@@ -85,6 +85,12 @@ COMMON = (
     _own("--model", required=True, help="model name (arch.tag)"),
     _arg("--data-root", required=True, help="folder holding the dataset (real layout)"),
     _own("--checkpoint", help="weights file instead of the cache/hub"),
+    _own(
+        "--random-weights",
+        action="store_true",
+        help="evaluate a model whose weights you do not have with random ones (meaningless "
+        "numbers; for trying the pipeline)",
+    ),
     _own("--device", help="cpu, cuda, ... (default cpu)"),
     _own("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32"),
     _own("--no-tf32", action="store_true", help="disable TF32 (parity runs)"),
@@ -109,24 +115,14 @@ def _load_model(args: argparse.Namespace) -> Any:
     """The model of `--model` (with `--config` overrides); its card records the weights' sha256."""
     import torch
 
-    from ..overrides import parse_key_values
-    from ..zoo import create_model, model_info
+    from ..cli import model_from_args
     from .runner import DTYPE_NAMES
 
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
     if args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    pretrained = bool(model_info(args.model).weights) or args.checkpoint is not None
-    model = create_model(
-        args.model,
-        pretrained=pretrained,
-        checkpoint_path=args.checkpoint,
-        device=args.device,
-        dtype=dtypes[args.dtype],
-        config=parse_key_values(args.config),
-    )
-    return model
+    return model_from_args(args, dtype=dtypes[args.dtype])
 
 
 def _folds(dataset: str, fold: str) -> list[int | str]:

@@ -113,7 +113,7 @@ def test_odise_tiny_runs_every_task_from_one_forward(mini, tmp_path, monkeypatch
     monkeypatch.setattr(
         ODISE, "encode_image", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k)
     )
-    res, run = ovseg(mini, tmp_path, "odise_test_tiny", dataset)
+    res, run = ovseg(mini, tmp_path, "odise_test_tiny", dataset, "--random-weights")
     assert len(calls) == res["n_images"] == 2
     assert res["protocol"]["vocabulary"] == "dataset class names"
     expected = {"PQ", "mIoU"} | ({"AP"} if dataset == "coco-panoptic" else set())
