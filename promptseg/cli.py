@@ -469,6 +469,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Serve the side-by-side page (promptseg.demo) until interrupted."""
+    from .demo import launch
+
+    launch(
+        args.models,
+        port=args.port,
+        host=args.host,
+        random_weights=args.random_weights,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import registered
 
@@ -676,6 +691,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="override the config's output folder")
     p.add_argument("--device", help="cpu, cuda, ...")
+
+    p = add(
+        "demo",
+        cmd_demo,
+        'Serve a local page (Gradio; pip install "promptseg[demo]") that runs models side '
+        "by side on an uploaded image: overlays, scores, times, mask and JSON downloads.",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        metavar="NAME",
+        help="models to offer (default: released models whose weights are cached, then "
+        "test_colorkey, clipseg_test_tiny, sine_test_tiny)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="run every model with random weights (marked so on the page; masks mean nothing)",
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    cache(p)
 
     from .bench.cli import add_commands
 
