@@ -1,5 +1,6 @@
 """promptseg: prompt-conditioned image segmentation models behind one interface."""
 
+from .compare import Comparison, compare
 from .errors import (
     CheckpointFormatError,
     ChecksumError,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointFormatError",
     "ChecksumError",
+    "Comparison",
     "MixedPrompt",
     "ModelCard",
     "Predictor",
@@ -31,6 +33,7 @@ __all__ = [
     "Vocabulary",
     "WeightsNotFoundError",
     "as_prompt",
+    "compare",
     "create_model",
     "list_models",
     "model_info",

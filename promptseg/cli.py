@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PromptsegError
+from .model_args import model_from_args
 from .vocabularies import PRESETS
 
 DEFAULT_MODEL = "clipseg_vitb16_rd64.refined"
 DEFAULT_VIDEO_MODEL = "sine_dinov2l.coco_ade_o365"
-RANDOM_WEIGHTS_SEED = 0  # --random-weights builds the same model at every run
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -76,64 +76,6 @@ def _need_folder(path: str, what: str) -> None:
     if not Path(path).is_dir():
         problem = "is a file, not a folder" if Path(path).is_file() else "does not exist"
         raise FileNotFoundError(f"{what} {path!r} {problem}; give the path of an existing folder")
-
-
-def _check_model_args(args: argparse.Namespace) -> bool:
-    """Check --model / --checkpoint / --random-weights before any weights are read; True when
-    weights are to be loaded.
-
-    Models without a checkpoint converter (the `test_*` models) hold no weights to load.
-    """
-    from .zoo import check_device, model_info
-
-    card = model_info(args.model)
-    check_device(args.device)
-    takes_weights = card.converter is not None
-    if args.random_weights:
-        if args.checkpoint is not None:
-            raise ValueError("give --checkpoint FILE or --random-weights, not both")
-        print(
-            f"promptseg: {card.name} with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}, the same at "
-            "every run): the masks mean nothing (for trying the command and the pipeline only)",
-            file=sys.stderr,
-        )
-        return False
-    if takes_weights and not card.weights and args.checkpoint is None:
-        raise ValueError(
-            f"--model {card.name} has no released weights: pass --checkpoint FILE (or FOLDER) "
-            "with weights of your own, or --random-weights to try it with random weights"
-        )
-    if args.checkpoint is not None:
-        if not takes_weights:
-            raise ValueError(f"--model {args.model} takes no weights; leave --checkpoint out")
-        if not Path(args.checkpoint).exists():
-            raise FileNotFoundError(
-                f"--checkpoint {args.checkpoint!r} does not exist; give a weights file or a "
-                "save_pretrained folder"
-            )
-    return takes_weights
-
-
-def model_from_args(args: argparse.Namespace, **options: Any):
-    """The model of --model with --checkpoint, --random-weights, --cache-dir, --device and
-    --config (checked first); `options` go to create_model (e.g. dtype)."""
-    import torch
-
-    from .overrides import parse_key_values
-    from .zoo import create_model
-
-    pretrained = _check_model_args(args)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_WEIGHTS_SEED)  # random weights: the same model at every run
-        return create_model(
-            args.model,
-            pretrained=pretrained,
-            checkpoint_path=args.checkpoint,
-            cache_dir=getattr(args, "cache_dir", None),
-            device=args.device,
-            config=parse_key_values(args.config),
-            **options,
-        )
 
 
 def _check_prompt_files(args: argparse.Namespace) -> None:
@@ -447,6 +389,73 @@ def video_overlay(frame: str | Path, label_map: Any) -> Any:
     return result.overlay()
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run --models on IMAGE (or each image of a folder) with every prompt: grids and tables."""
+    import time
+
+    from .compare import compare
+
+    if not Path(args.image).exists():
+        raise FileNotFoundError(
+            f"IMAGE {args.image!r} does not exist; give an image file or a folder of images"
+        )
+    _check_prompt_files(args)
+    prompts = _prompts_from_args(args)
+    if not prompts:
+        raise ValueError(
+            "compare: give at least one prompt (--text T, --ref IMAGE MASK, --shot IMAGE MASK "
+            "[CLASS], --vocab CLASSES, --preset NAME); each is one row of the grid"
+        )
+    if args.gt is not None and not Path(args.gt).exists():
+        raise FileNotFoundError(
+            f"--gt {args.gt!r} does not exist; give a mask file (a folder of <image stem>.png "
+            "masks when IMAGE is a folder)"
+        )
+    if Path(args.image).is_dir() and args.gt is not None and not Path(args.gt).is_dir():
+        raise ValueError(
+            f"IMAGE {args.image!r} is a folder: --gt must be a folder of <image stem>.png masks"
+        )
+    if Path(args.output).is_file():
+        raise ValueError(f"--output {args.output!r} is a file; give a folder to write into")
+    if args.cell_width < 96:
+        raise ValueError(f"--cell-width must be at least 96 pixels, got {args.cell_width}")
+
+    def build(name: str) -> Any:
+        from .zoo import model_info
+
+        random = args.random_weights and model_info(name).converter is not None  # test models
+        one = {"model": name, "checkpoint": None, "config": None, "random_weights": random}
+        return model_from_args(argparse.Namespace(**{**vars(args), **one}))
+
+    def progress(message: str) -> None:
+        print(f"compare: {message}", file=sys.stderr)
+
+    result = compare(
+        args.image,
+        prompts,
+        args.models,
+        gt=args.gt,
+        threshold=args.threshold,
+        build=build,
+        progress=progress,
+    )
+    start = time.perf_counter()
+    paths = result.save(args.output, cell_width=args.cell_width)
+    saved = time.perf_counter() - start
+    timings = result.timings()
+    builds = ", ".join(f"{k} {v:.2f} s" for k, v in timings["build_s"].items())
+    print(
+        f"{len(result.images)} image(s) x {len(result.models)} model(s) x "
+        f"{len(result.prompts)} prompt(s) in {timings['total_s']:.2f} s "
+        f"(build: {builds}; {timings['mean_image_s']:.3f} s per image)"
+    )
+    for row in result.ranking() or []:
+        iou = "-" if row["mean_iou"] is None else f"{row['mean_iou']:.3f}"
+        print(f"rank {row['rank'] or '-'}: {row['model']} mean IoU {iou}")
+    print(f"wrote {len(paths)} files to {args.output} in {saved:.2f} s")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .overrides import parse_key_values
     from .registry import lookup
@@ -456,16 +465,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_config = parse_key_values(args.model_config) or None
     if args.random_weights:
         print("promptseg: training from RANDOM weights (pretrained: false)", file=sys.stderr)
-    print(
-        train(
-            args.train_config,
-            steps=args.steps,
-            out=args.out,
-            device=args.device,
-            model_config=model_config,
-            pretrained=False if args.random_weights else None,
-        )
+    summary = train(
+        args.train_config,
+        steps=args.steps,
+        out=args.out,
+        device=args.device,
+        model_config=model_config,
+        pretrained=False if args.random_weights else None,
     )
+    if summary:  # empty on the ranks > 0 of a torchrun run
+        print(summary)
     return 0
 
 
@@ -658,6 +667,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder: one palette PNG per frame (frame 0's is the model's prediction, "
         "not a copy of the given mask) and overlay/<frame>.png",
     )
+
+    p = add(
+        "compare",
+        cmd_compare,
+        "Run several models on the same image (or each image of a folder) with every prompt: "
+        "grid.png (a column per model, a row per prompt), compare.md and compare.json.",
+    )
+    p.add_argument("image", help="an image, or a folder of images (one grid each, one summary)")
+    p.add_argument("--models", nargs="+", required=True, metavar="NAME", help="models to compare")
+    prompt_args(p)
+    p.add_argument(
+        "--gt",
+        metavar="MASK",
+        help="ground-truth mask (for a folder: a folder of <image stem>.png masks): each cell "
+        "shows the IoU of the union of its masks, and the table ranks the models by mean IoU",
+    )
+    p.add_argument("--threshold", type=float, help="probability threshold (default: each tag's)")
+    p.add_argument(
+        "--cell-width", type=int, default=384, help="width of a grid cell in pixels (default 384)"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build every model with random weights (marked in the grid and tables; masks "
+        "mean nothing)",
+    )
+    cache(p)
+    p.add_argument("-o", "--output", default="out", help="output folder (default ./out)")
 
     p = add(
         "train",
