@@ -50,7 +50,10 @@ class SINECriterion(nn.Module):
     class in the reference's sorted class list, 0..M-1), `masks` [T, H, W] (padded canvas), and
     optionally `ids` [T] and `ref_ids` [N] (identity of each ID token) for the ID matching.
     Matching and the stage losses work per item (`stage` = one head dict per item, no batch
-    axis). The training loss is `sum(losses.values())`.
+    axis). The training loss is `sum(losses.values())`. `world_mean`: the mask losses' count is
+    averaged over torch.distributed's ranks when initialised (the official per-GPU
+    normalisation); False keeps each call's own count (promptseg's trainer, whose ranks split
+    one step's pairs and must match a single process).
     """
 
     def __init__(
@@ -65,8 +68,10 @@ class SINECriterion(nn.Module):
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
         deep_supervision: bool = True,
+        world_mean: bool = True,
     ) -> None:
         super().__init__()
+        self.world_mean = world_mean
         self.matcher = matcher or HungarianMatcher(
             weight_ce_ins, weight_mask, weight_dice, num_points
         )
@@ -180,7 +185,8 @@ class SINECriterion(nn.Module):
         if num_masks is None:
             n = sum(len(i) for i, _ in id_m) + sum(len(i) for i, _ in ins_m)
             device = stage[0]["pred_logits"].device
-            n = _world_mean(torch.tensor([float(n)], device=device))
+            n = torch.tensor([float(n)], device=device)
+            n = _world_mean(n) if self.world_mean else n
             num_masks = torch.clamp(n, min=1).item()
         losses = self.loss_labels(stage, targets, id_m, ins_m)
         losses.update(self.loss_masks(stage, targets, id_m, ins_m, num_masks, generator))

@@ -1,5 +1,21 @@
 """Pieces every family's trainer shares: the YAML config, COCO instance data, AdamW with a
-warmup / linear-decay schedule, gradient clipping, and running a trainer from a config file."""
+warmup / linear-decay schedule, gradient clipping, mixed precision, training on several
+processes, and running a trainer from a config file.
+
+Several processes (`torchrun --nproc_per_node N -m promptseg train FAMILY --config FILE`):
+`start_distributed` initialises torch.distributed (env://; NCCL and device cuda:LOCAL_RANK on
+CUDA, gloo on CPU) when WORLD_SIZE > 1. `batch_size` stays the number of samples of one optimiser
+step, whatever N: the global batch of step t is the same list of samples at any N (every rank
+draws it from the run's one data stream, seeded by `seed` as a single process draws it), and rank
+r runs forward and backward for samples r, r + N, ... only, so each rank accumulates
+batch_size / N samples. The randomness inside a sample's loss (criterion points, latent samples)
+comes from `sample_generator(seed, step, j)` of its global position j, so it does not depend on
+which rank runs it. After the accumulation `reduce_gradients` sums the trainable parameters'
+gradients over the ranks (each backward divided by the global batch_size: the sum is the mean over
+the global batch, what DistributedDataParallel's averaging of per-rank means gives), so every rank
+takes the same optimiser step; the frozen encoders have no gradient and take no part. Only rank 0
+shows progress and writes files; the printed loss is the mean over the global batch.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from PIL import Image
 from timm.layers import LayerNorm2d
@@ -33,7 +50,18 @@ __all__ = [
     "optimiser_step",
     "run_from_file",
     "trainable_model",
+    "Distributed",
+    "start_distributed",
+    "stop_distributed",
+    "reduce_gradients",
+    "broadcast_parameters",
+    "sample_generator",
+    "autocast",
+    "grad_scaler",
+    "rank_states",
 ]
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -57,6 +85,8 @@ class TrainConfig:
     out: str = "runs/train"
     save_every: int = 500
     model_config: dict[str, Any] = field(default_factory=dict)  # create_model(config=) overrides
+    amp: str | bool | None = None  # null | bf16 | fp16: CUDA autocast (fp16 with a GradScaler)
+    resume: bool = False  # continue from out/train_state.pt when it exists
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> TrainConfig:
@@ -88,7 +118,16 @@ class TrainConfig:
             problems.append(f"grad_clip ({self.grad_clip}) must be > 0, or null for no clipping")
         if not 0 <= self.lr_end <= self.lr:
             problems.append(f"lr_end ({self.lr_end}) must be in [0, lr = {self.lr}]")
+        if self.amp not in (None, False, True, *AMP_DTYPES):
+            problems.append(f"amp ({self.amp!r}) must be null, bf16 or fp16")
         return problems
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """The autocast dtype `amp` names (true: fp16, ODISE's older spelling), or None."""
+        if self.amp is True:
+            return torch.float16
+        return AMP_DTYPES.get(self.amp) if isinstance(self.amp, str) else None
 
     def check(self) -> None:
         """Raise ValueError naming the keys to fix if the values cannot train."""
@@ -183,16 +222,143 @@ def optimiser_step(
     optimiser: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     max_norm: float | None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> float:
     """Clip the accumulated gradients' global norm to `max_norm`, step; returns the norm before.
 
-    The clipped gradients stay on the parameters until the next `zero_grad`.
+    With an enabled `scaler` (fp16) the gradients are unscaled first and the step is skipped on
+    overflow. The clipped gradients stay on the parameters until the next `zero_grad`.
     """
+    scaled = scaler is not None and scaler.is_enabled()
+    if scaled:
+        scaler.unscale_(optimiser)
     params = [p for g in optimiser.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm)
-    optimiser.step()
+    if scaled:
+        scaler.step(optimiser)
+        scaler.update()
+    else:
+        optimiser.step()
     schedule.step()
     return float(norm)
+
+
+def autocast(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """torch.autocast in `config.amp`'s dtype (disabled without `amp`); amp needs CUDA."""
+    dtype = config.amp_dtype
+    if dtype is not None and device.type != "cuda":
+        scaler = " with a gradient scaler" if dtype == torch.float16 else ""
+        raise ValueError(
+            f"amp: {config.amp} runs autocast{scaler}, which needs CUDA; the model is on "
+            f"{device}: set device: cuda or amp: null"
+        )
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def grad_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """The gradient scaler of fp16 autocast (disabled for bf16 and without amp)."""
+    return torch.amp.GradScaler(device.type, enabled=config.amp_dtype == torch.float16)
+
+
+def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The torch generator of the sample at global position `index` of step `step`: the same
+    draws whichever rank runs the sample, and no state to save for resuming."""
+    word = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(word >> np.uint64(1)))
+
+
+@dataclass
+class Distributed:
+    """This process's place in the run: rank, world size and the device of the collectives."""
+
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that shows progress and writes files."""
+        return self.rank == 0
+
+    def positions(self, count: int) -> range:
+        """Global positions of this rank's samples among a step's `count`: r, r + N, ..."""
+        return range(self.rank, count, self.world)
+
+    def sum(self, value: float) -> float:
+        """`value` summed over the ranks (itself in one process)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t)
+
+
+def start_distributed(config: TrainConfig, *, divisor: int = 1) -> Distributed:
+    """Initialise torch.distributed when WORLD_SIZE > 1 (env://: torchrun's variables; NCCL
+    and config.device = cuda:LOCAL_RANK when CUDA is used, gloo otherwise); once per process.
+    `batch_size` must split into WORLD_SIZE x `divisor` (ODISE's micro_batch) equal parts."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    if config.batch_size % (world * divisor):
+        per = f" x micro_batch ({divisor})" if divisor > 1 else ""
+        raise ValueError(
+            f"batch_size ({config.batch_size}, the samples of one optimiser step over all "
+            f"processes) must be divisible by the number of processes (WORLD_SIZE = {world}, "
+            f"torchrun --nnodes x --nproc_per_node){per}: each process accumulates batch_size / "
+            f"{world} samples; change batch_size (--config key) or the process count"
+        )
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = config.device
+    cuda = torch.cuda.is_available() and (wanted is None or str(wanted).startswith("cuda"))
+    if cuda:
+        config.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method="env://")
+    device = torch.device(config.device if cuda else "cpu")
+    return Distributed(rank=dist.get_rank(), world=dist.get_world_size(), device=device)
+
+
+def stop_distributed() -> None:
+    """Tear down the process group start_distributed initialised (nothing in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_parameters(params: list[nn.Parameter], ctx: Distributed) -> None:
+    """Copy rank 0's values of `params` to every rank (DDP's start; same seed builds agree)."""
+    if ctx.world == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def reduce_gradients(params: list[nn.Parameter], ctx: Distributed) -> None:
+    """Sum the gradients of `params` over the ranks, in place (each rank divided its backward by
+    the global batch size: the sum is the global mean). A parameter without a gradient on every
+    rank keeps none, as in one process; one with a gradient on some rank gets the sum."""
+    if ctx.world == 1 or not params:
+        return
+    present = torch.tensor(
+        [p.grad is not None for p in params], dtype=torch.float32, device=ctx.device
+    )
+    dist.all_reduce(present)
+    used = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
+    buckets: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
+    for p in used:
+        buckets.setdefault((p.dtype, p.device), []).append(p)
+    for group in buckets.values():
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
+        )
+        device = flat.device
+        flat = flat.to(ctx.device)
+        dist.all_reduce(flat)
+        flat = flat.to(device)
+        for p, part in zip(group, flat.split([p.numel() for p in group]), strict=True):
+            p.grad = part.view_as(p).clone()
 
 
 def configured_model(config: TrainConfig) -> Any:
@@ -220,26 +386,65 @@ def trainable_model(config: TrainConfig, frozen: str) -> Any:
 STATE_FILE = "train_state.pt"  # in the run's `out` folder: what `resume: true` continues from
 
 
+def _rng_state(rng: np.random.Generator, generator: torch.Generator | None) -> dict[str, Any]:
+    """This process's random states: the data stream, a torch generator, torch's global RNG."""
+    state: dict[str, Any] = {"rng": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def rank_states(
+    ctx: Distributed, rng: np.random.Generator, generator: torch.Generator | None = None
+) -> list[dict[str, Any]]:
+    """Every rank's random states, gathered (a collective: all ranks call it), rank order."""
+    own = _rng_state(rng, generator)
+    if ctx.world == 1:
+        return [own]
+    gathered: list[Any] = [None] * ctx.world
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
 def save_train_state(
-    path: Path, *, step: int, rng: np.random.Generator, generator: torch.Generator, **parts: Any
+    path: Path,
+    *,
+    step: int,
+    rng: np.random.Generator,
+    generator: torch.Generator | None = None,
+    ranks: list[dict[str, Any]] | None = None,
+    **parts: Any,
 ) -> None:
     """What `resume: true` continues from: each part's state_dict (optimiser, schedule, ...; a
-    plain dict is stored as it is), the numpy and torch random states and the next step."""
+    plain dict is stored as it is), the next step and the random states of every rank (`ranks`
+    from rank_states; this process's alone without it; rank 0's also at the top level)."""
     state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in parts.items()}
-    state.update(rng=rng.bit_generator.state, generator=generator.get_state(), step=step)
+    ranks = ranks or [_rng_state(rng, generator)]
+    state.update(ranks[0], ranks=ranks, step=step)
     torch.save(state, path)
 
 
 def load_train_state(
-    path: Path, *, rng: np.random.Generator, generator: torch.Generator, **parts: Any
+    path: Path,
+    *,
+    rng: np.random.Generator,
+    generator: torch.Generator | None = None,
+    rank: int = 0,
+    **parts: Any,
 ) -> tuple[int, dict[str, Any]]:
     """Restore a save_train_state file into `parts` (objects with load_state_dict) and the
-    random states; returns (the step to continue from, the whole state for the rest)."""
+    random states saved for `rank` (rank 0's for a rank the file lacks: the data stream is the
+    same on every rank); returns (the step to continue from, the whole state for the rest)."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for name, part in parts.items():
         part.load_state_dict(state[name])
-    rng.bit_generator.state = state["rng"]
-    generator.set_state(state["generator"])
+    ranks = state.get("ranks") or [state]
+    own = ranks[rank] if rank < len(ranks) else ranks[0]
+    rng.bit_generator.state = own["rng"]
+    if generator is not None and "generator" in own:
+        generator.set_state(own["generator"])
+    if "torch" in own and rank < len(ranks):
+        torch.set_rng_state(own["torch"])
     return int(state["step"]), state
 
 
@@ -254,7 +459,12 @@ def run_from_file(
             value = merge(config.model_config, value)
         if value is not None:
             setattr(config, key, value)
-    losses = train(config)
+    try:
+        losses = train(config)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return ""  # rank 0 alone reports
+    finally:
+        stop_distributed()
     if not losses:
         return f"nothing to train: already at step {config.steps}; weights in {config.out}"
     return f"{len(losses)} steps, {loss_trend(losses)}; weights in {config.out}"

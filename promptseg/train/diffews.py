@@ -8,14 +8,21 @@ keys and values feeding the query's self-attention), MSE between the query's out
 negated latent of its mask drawn as +-1 RGB; latents are posterior samples; the supports' output
 enters the loss times 0. AdamW (lr 1e-5, weight decay 1e-2 on every parameter), linear decay to
 `lr_end`, gradient clipping, `batch_size` episodes accumulated per step. The VAE is frozen.
-`resume: true` continues from `out/train_state.pt` (optimiser, schedule, step, RNGs).
+`resume: true` continues from `out/train_state.pt` (optimiser, schedule, scaler, step, every
+rank's RNGs). The latents' posterior samples of episode j of a step come from
+`sample_generator(seed, step, j)`. `amp: bf16 | fp16`: CUDA autocast of the episode's passes
+(fp16 with a gradient scaler; the official recipe trained in fp16).
+
+Several processes (torchrun, see promptseg.train.common): every rank draws the step's episodes
+from the one episode stream, rank r trains on episodes r, r + N, ..., the UNet's gradients are
+summed over the ranks before the step (batch_size / N episodes per rank, the same updates as
+one process).
 
 Text context: the official training conditioned on the empty prompt padded to 77 tokens, while
 evaluation uses the 2 unpadded tokens the model holds. `text_context: FILE` (the
 `empty_prompt_embedding.safetensors` that `promptseg.convert.diffews.write_empty_prompt_embedding`
 writes, key `padded`) trains as the official code did; without it training uses the 2-token
-context and says so. Not reproduced: fp16 autocast and the official episode lists of the
-in-context setting.
+context and says so. Not reproduced: the official episode lists of the in-context setting.
 """
 
 from __future__ import annotations
@@ -38,11 +45,18 @@ from .common import (
     STATE_FILE,
     CocoInstances,
     TrainConfig,
+    autocast,
+    broadcast_parameters,
+    grad_scaler,
     load_train_state,
     lr_factor,
     optimiser_step,
+    rank_states,
+    reduce_gradients,
     run_from_file,
+    sample_generator,
     save_train_state,
+    start_distributed,
     trainable_model,
 )
 
@@ -60,7 +74,6 @@ class DiffewSTrainConfig(TrainConfig):
     lr_end: float = 1e-7
     weight_decay: float = 1e-2
     steps: int = 20000
-    resume: bool = False
     out: str = "runs/train_diffews"
     text_context: str | None = None  # empty_prompt_embedding.safetensors with key `padded`
 
@@ -156,59 +169,77 @@ def episode_loss(
 
 
 def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[float]:
-    """Run the optimiser steps (resuming if asked); returns the loss of every step run."""
+    """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
+    over the step's episodes, all ranks); rank 0 saves the weights and the training state."""
     from ..weights import save_state_dict_file
 
     config.check()
+    ctx = start_distributed(config)
     torch.manual_seed(config.seed)
     data = CocoInstances(config.annotations, config.images)
     model = trainable_model(config, "vae")
     text_context = training_text_context(config, model)
+    autocast(config, model.device)  # amp needs CUDA: say so before training
     params = [p for p in model.parameters() if p.requires_grad]
+    broadcast_parameters(params, ctx)
     optimiser = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
     )
     end = config.lr_end / config.lr if config.lr else 0.0
     factor = partial(lr_factor, warmup=config.warmup_steps, total=config.steps, end=end)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+    scaler = grad_scaler(config, model.device)
     rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
     if config.resume and state_path.is_file():
         start, _ = load_train_state(
             state_path,
             rng=rng,
-            generator=generator,
+            rank=ctx.rank,
             model=model,
             optimiser=optimiser,
             schedule=schedule,
+            **({"scaler": scaler} if scaler.is_enabled() else {}),
         )
         model.train()
+        model.vae.eval()
     sampler = EpisodeSampler(data, config.shots, rng)
     losses = []
-    bar = tqdm(range(start, config.steps), desc="train diffews", disable=not progress or None)
+    bar = tqdm(
+        range(start, config.steps),
+        desc="train diffews",
+        disable=not (progress and ctx.main) or None,
+    )
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
+        episodes = [sampler() for _ in range(config.batch_size)]  # the step's global batch
         total = 0.0
-        for _ in range(config.batch_size):
-            loss = episode_loss(model, sampler(), generator, text_context)
-            (loss / config.batch_size).backward()
+        for j in ctx.positions(config.batch_size):
+            generator = sample_generator(config.seed, step, j)
+            with autocast(config, model.device):
+                loss = episode_loss(model, episodes[j], generator, text_context)
+            scaler.scale(loss / config.batch_size).backward()
             total += float(loss.detach()) / config.batch_size
-        norm = optimiser_step(optimiser, schedule, config.grad_clip)
+        reduce_gradients(params, ctx)
+        norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
+        total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}", grad_norm=f"{norm:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-            save_train_state(
-                state_path,
-                step=step + 1,
-                rng=rng,
-                generator=generator,
-                model=model,
-                optimiser=optimiser,
-                schedule=schedule,
-            )
+            ranks = rank_states(ctx, rng)
+            if ctx.main:
+                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
+                save_train_state(
+                    state_path,
+                    step=step + 1,
+                    rng=rng,
+                    ranks=ranks,
+                    model=model,
+                    optimiser=optimiser,
+                    schedule=schedule,
+                    **({"scaler": scaler} if scaler.is_enabled() else {}),
+                )
     model.eval()
     return losses
 

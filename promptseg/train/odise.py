@@ -24,13 +24,21 @@ norm layers and biases): AdamW, lr x the reference's step schedule expressed as 
 `lr_drops`), gradient norm over the optimiser's parameters clipped to `grad_clip`. A step takes
 `batch_size` images in forwards of `micro_batch` images, each micro-batch in the role of one GPU
 of the reference (losses averaged; masks normalised by the step's masks / micro-batches).
-Frozen: the SD UNet and VAE and CLIP. `amp: true`: fp16 autocast and a gradient scaler (CUDA).
-`resume: true` continues from `out/train_state.pt` (trainable parameters, optimiser, schedule,
-scaler, step, data order and RNGs) on the schedule of the config's `steps`.
+Frozen: the SD UNet and VAE and CLIP. `amp: fp16` (or `true`, the older spelling): fp16
+autocast and a gradient scaler (CUDA) as the reference; `amp: bf16`: bf16 autocast. Random
+points of the micro-batch starting at image j of a step come from `sample_generator(seed, step,
+j)`. `resume: true` continues from `out/train_state.pt` (trainable parameters, optimiser,
+schedule, scaler, step, data order and every rank's RNGs) on the schedule of the config's `steps`.
 
-Not reproduced: multi-GPU training (so the grounding loss contrasts the images of one
-micro-batch, not the global batch) and the evaluation during training; the reference orders a
-caption's noun phrases as a Python set (hash-seed dependent), here they are sorted.
+Several processes (torchrun, see promptseg.train.common): every rank draws the step's
+`batch_size` images from the one data stream (so `num_masks` is the global batch's, as the
+reference all-reduces it), rank r runs micro-batches r, r + N, ... and the gradients are summed
+over the ranks before the step: N processes give the updates of one; `batch_size` must be a
+multiple of N x `micro_batch`.
+
+Not reproduced: the grounding loss contrasts the images of one micro-batch, not the global batch
+(the reference gathers them across GPUs), and the evaluation during training; the reference
+orders a caption's noun phrases as a Python set (hash-seed dependent), here they are sorted.
 """
 
 from __future__ import annotations
@@ -68,11 +76,17 @@ from ..vocabularies import PRESETS
 from .common import (
     STATE_FILE,
     TrainConfig,
+    autocast,
+    broadcast_parameters,
     configured_model,
     load_train_state,
     pil_resize,
+    rank_states,
+    reduce_gradients,
     run_from_file,
+    sample_generator,
     save_train_state,
+    start_distributed,
 )
 
 __all__ = [
@@ -137,8 +151,6 @@ class ODISETrainConfig(TrainConfig):
     grad_clip: float | None = 0.01
     num_points: int = 12544  # points per mask of the matching costs and of the mask losses
     num_words: int = 8  # caption words per image (grounding loss)
-    amp: bool = False
-    resume: bool = False
     save_every: int = 4500
     out: str = "runs/train_odise"
 
@@ -663,7 +675,7 @@ def batch_loss(
     criterion: SetCriterion,
     num_masks: float,
     generator: torch.Generator | None = None,
-    amp: bool = False,
+    amp: bool | torch.dtype | None = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss of one micro-batch and its terms: set losses (label model: against `text`),
     and for the caption model the grounding loss `loss_grounding[_i]` on the samples' words."""
@@ -679,7 +691,8 @@ def batch_loss(
         }
         for s in samples
     ]
-    with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+    dtype = torch.float16 if amp is True else amp or None  # true: fp16, the older spelling
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         stages = predictions(model, pixels.to(model.dtype), text)
         words = None
         if not model.label:
@@ -827,15 +840,12 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
     from ..weights import save_state_dict_file
 
     config.check()
+    ctx = start_distributed(config, divisor=config.micro_batch)
     torch.manual_seed(config.seed)
     data = CocoPanoptic(config.annotations, config.panoptic_masks, config.images, config.captions)
     vocabulary, class_index = training_vocabulary(data.categories, config.vocabulary)
     model = training_model(config)
-    if config.amp and model.device.type != "cuda":
-        raise ValueError(
-            f"amp: true runs fp16 autocast with a gradient scaler, which needs CUDA; the model "
-            f"is on {model.device}: set device: cuda or amp: false"
-        )
+    autocast(config, model.device)  # amp needs CUDA: say so before training
     if not model.label and config.captions is None:
         raise ValueError(
             "the caption model trains with a grounding loss on captions: set `captions` to a "
@@ -849,6 +859,8 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         betas=(0.9, 0.999),
         eps=1e-8,
     )
+    params = [p for g in optimiser.param_groups for p in g["params"]]
+    broadcast_parameters(params, ctx)
     factor = partial(
         step_lr_factor,
         total=config.steps,
@@ -857,10 +869,9 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         drops=config.lr_drops,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
-    scaler = torch.amp.GradScaler(model.device.type, enabled=config.amp)
+    scaler = torch.amp.GradScaler(model.device.type, enabled=config.amp_dtype == torch.float16)
     criterion = SetCriterion(config.num_points)
     rng = np.random.default_rng(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     sampler = EpochSampler(len(data), rng)
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
@@ -868,7 +879,7 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         start, state = load_train_state(
             state_path,
             rng=rng,
-            generator=generator,
+            rank=ctx.rank,
             optimiser=optimiser,
             schedule=schedule,
             scaler=scaler,
@@ -879,44 +890,53 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
             group["lr"] = group["initial_lr"] * factor(start)
     micro_batches = config.batch_size // config.micro_batch
     losses = []
-    bar = tqdm(range(start, config.steps), desc="train odise", disable=not progress or None)
+    bar = tqdm(
+        range(start, config.steps),
+        desc="train odise",
+        disable=not (progress and ctx.main) or None,
+    )
     for step in bar:
-        samples = [
+        samples = [  # the step's global batch, drawn alike on every rank
             training_sample(data[sampler()], class_index, config, rng, phrases)
             for _ in range(config.batch_size)
         ]
         num_masks = max(sum(len(s.labels) for s in samples) / micro_batches, 1.0)
         optimiser.zero_grad(set_to_none=True)
         total = 0.0
-        for first in range(0, config.batch_size, config.micro_batch):
+        for m in ctx.positions(micro_batches):
+            first = m * config.micro_batch
             loss, _ = batch_loss(
                 model,
                 samples[first : first + config.micro_batch],
                 text,
                 criterion,
                 num_masks,
-                generator,
-                config.amp,
+                sample_generator(config.seed, step, first),
+                config.amp_dtype,
             )
             scaler.scale(loss / micro_batches).backward()
             total += float(loss.detach()) / micro_batches
+        reduce_gradients(params, ctx)
         lr = optimiser.param_groups[0]["lr"]
         norm = scaled_optimiser_step(optimiser, schedule, scaler, config.grad_clip)
+        total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.3f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-            save_train_state(
-                state_path,
-                step=step + 1,
-                rng=rng,
-                generator=generator,
-                trainable=trainable_state(model),
-                optimiser=optimiser,
-                schedule=schedule,
-                scaler=scaler,
-                sampler=sampler,
-            )
+            ranks = rank_states(ctx, rng)
+            if ctx.main:
+                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
+                save_train_state(
+                    state_path,
+                    step=step + 1,
+                    rng=rng,
+                    ranks=ranks,
+                    trainable=trainable_state(model),
+                    optimiser=optimiser,
+                    schedule=schedule,
+                    scaler=scaler,
+                    sampler=sampler,
+                )
     model.eval()
     return losses
 

@@ -14,10 +14,19 @@ Optimisation (sine.md §7): AdamW (decoupled decay) with betas (0.9, 0.999), eps
 (LayerNorm2d, biases of linear/conv layers, `temp` and `logit_scale` are decayed, as officially);
 learning rate lr x step / warmup_steps during warmup, then linear decay to 0 at `steps`; global
 gradient norm clipped to `grad_clip`; `batch_size` pairs accumulated per step. Losses:
-SINECriterion (sine.md §3). The frozen DINOv2 encoder gets no gradient.
+SINECriterion (sine.md §3); its random points come from `sample_generator(seed, step, j)` of the
+pair's position j in the step. The frozen DINOv2 encoder gets no gradient. `amp: bf16 | fp16`:
+CUDA autocast (fp16 with a gradient scaler). `resume: true` continues from `out/train_state.pt`
+(head, optimiser, schedule, scaler, step, every rank's random states).
+
+Several processes (torchrun, see promptseg.train.common): every rank draws the step's
+`batch_size` pairs from the one pair stream, rank r trains on pairs r, r + N, ... and the head's
+gradients are summed over the ranks before the step: N processes x batch_size / N pairs give the
+updates of one process x batch_size pairs. (Every rank decodes and jitters all the step's pairs,
+cheap next to the encoder and decoder passes, to keep that equality and today's stream.)
 
 Not reproduced: the official data mix (COCO/ADE20K panoptic and COCO/Objects365 instance pairs;
-only one COCO instances json here, so no panoptic stuff segments), multi-GPU ZeRO-2 training
+only one COCO instances json here, so no panoptic stuff segments), ZeRO-2 sharding
 and the per-GPU normalisation of the mask losses (here each pair is normalised by its own number
 of matched masks and the pairs of a step are averaged). The spec does not say how the class of a
 pair is drawn (uniformly over categories here), and a class found in one image only always gives a
@@ -43,12 +52,22 @@ from ..heads.mformer_loss import SINECriterion
 from ..registry import register_trainer
 from ..transforms import preprocess
 from .common import (
+    STATE_FILE,
     CocoInstances,
     TrainConfig,
+    autocast,
+    broadcast_parameters,
     build_optimiser,
+    grad_scaler,
+    load_train_state,
     optimiser_step,
     pil_resize,
+    rank_states,
+    reduce_gradients,
     run_from_file,
+    sample_generator,
+    save_train_state,
+    start_distributed,
     trainable_model,
 )
 
@@ -197,40 +216,78 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
 
 
 def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]:
-    """Run `config.steps` optimiser steps; returns the loss of every step; saves checkpoints."""
+    """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
+    over the step's pairs, all ranks); rank 0 saves the weights and the training state."""
     from ..weights import save_state_dict_file
 
     config.check()
+    ctx = start_distributed(config)
     torch.manual_seed(config.seed)
     data = CocoInstances(config.annotations, config.images)
     model = trainable_model(config, "backbone")
+    params = [p for p in model.head.parameters() if p.requires_grad]
+    broadcast_parameters(params, ctx)
     optimiser, schedule = build_optimiser(model.head, config)
-    criterion = SINECriterion()
+    scaler = grad_scaler(config, model.device)
+    criterion = SINECriterion(world_mean=False)  # per-pair counts, whatever the ranks
+    rng = np.random.default_rng(config.seed)
     sampler = PairSampler(
-        data,
-        model.canvas("fss"),
-        np.random.default_rng(config.seed),
-        config.crop_pair_prob,
-        config.jitter_scale,
+        data, model.canvas("fss"), rng, config.crop_pair_prob, config.jitter_scale
     )
-    generator = torch.Generator().manual_seed(config.seed)
     out_dir = Path(config.out)
+    state_path, start = out_dir / STATE_FILE, 0
+    if config.resume and state_path.is_file():
+        start, _ = load_train_state(
+            state_path,
+            rng=rng,
+            rank=ctx.rank,
+            head=model.head,
+            optimiser=optimiser,
+            schedule=schedule,
+            scaler=scaler,
+        )
+        model.train()
+        model.backbone.eval()
+        for group, factor in zip(optimiser.param_groups, schedule.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * factor(start)  # this run's `steps` schedule
     losses = []
-    bar = tqdm(range(config.steps), desc="train sine", disable=not progress or None)
+    bar = tqdm(
+        range(start, config.steps),
+        desc="train sine",
+        disable=not (progress and ctx.main) or None,
+    )
     for step in bar:
         lr = optimiser.param_groups[0]["lr"]
         optimiser.zero_grad(set_to_none=True)
+        pairs = [sampler() for _ in range(config.batch_size)]  # the step's global batch
         total = 0.0
-        for _ in range(config.batch_size):
-            output, target = training_pair(model, *sampler())
-            loss = sum(criterion(output, target, generator=generator).values())
-            (loss / config.batch_size).backward()
+        for j in ctx.positions(config.batch_size):
+            with autocast(config, model.device):
+                output, target = training_pair(model, *pairs[j])
+                generator = sample_generator(config.seed, step, j)
+                loss = sum(criterion(output, target, generator=generator).values())
+            scaler.scale(loss / config.batch_size).backward()
             total += float(loss.detach()) / config.batch_size
-        norm = optimiser_step(optimiser, schedule, config.grad_clip)
+        reduce_gradients(params, ctx)
+        norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
+        total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.2f}")
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
+            ranks = rank_states(ctx, rng)
+            if ctx.main:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
+                save_train_state(
+                    state_path,
+                    step=step + 1,
+                    rng=rng,
+                    ranks=ranks,
+                    head=model.head,
+                    optimiser=optimiser,
+                    schedule=schedule,
+                    scaler=scaler,
+                )
     model.eval()
     return losses
 
