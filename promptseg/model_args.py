@@ -7,6 +7,7 @@ and each eval), so they check their flags alike and say the same about random we
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,13 @@ def check_model_args(args: argparse.Namespace) -> bool:
     if args.random_weights:
         if args.checkpoint is not None:
             raise ValueError("give --checkpoint FILE or --random-weights, not both")
-        print(
-            f"promptseg: {card.name} with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}, the same at "
-            "every run): the masks mean nothing (for trying the command and the pipeline only)",
-            file=sys.stderr,
-        )
+        if os.environ.get("RANK", "0") == "0":  # once per job under torchrun
+            print(
+                f"promptseg: {card.name} with RANDOM weights (seed {RANDOM_WEIGHTS_SEED}, the same "
+                "at every run): the masks mean nothing (for trying the command and the pipeline "
+                "only)",
+                file=sys.stderr,
+            )
         return False
     if takes_weights and not card.weights and args.checkpoint is None:
         raise ValueError(

@@ -10,7 +10,7 @@ import argparse
 import functools
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
@@ -115,7 +115,7 @@ def _load_model(args: argparse.Namespace) -> Any:
     """The model of `--model` (with `--config` overrides); its card records the weights' sha256."""
     import torch
 
-    from ..cli import model_from_args
+    from ..model_args import model_from_args
     from .runner import DTYPE_NAMES
 
     dtypes = {name: dtype for dtype, name in DTYPE_NAMES.items()}
@@ -338,10 +338,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     spec = EVALS[args.benchmark]
     module, _, name = spec.function.partition(":")
     evaluate = getattr(importlib.import_module(f".{module}", __package__), name)
-    model = _load_model(args)
-    options = _keywords(args, (*spec.options, *COMMON))
-    for run in spec.runs(args):
-        print(spec.summary(args, model.card.name, evaluate(model, **options, **run)))
+    from .distributed import Shard, eval_device, finish_group, init_from_env
+
+    args.device = eval_device(args.device)
+    created = init_from_env(args.device)
+    ok = False
+    try:
+        model = _load_model(args)
+        options = _keywords(args, (*spec.options, *COMMON))
+        main = Shard.current().main
+        for run in spec.runs(args):
+            result = evaluate(model, **options, **run)
+            if main:  # the other ranks of a torchrun launch print nothing
+                print(spec.summary(args, model.card.name, result))
+        ok = True
+    finally:
+        if created:
+            finish_group(wait=ok)
     return 0
 
 
@@ -432,11 +445,13 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     if args.data_root:
         variables["DATA_ROOT"] = args.data_root
     commands = suite_commands(args.suite, variables)
+    launcher = _launcher(args.launcher, args.nproc_per_node)
     failed = 0
     for i, argv in enumerate(commands, 1):
         extra = ["--out", args.out] if args.out else []
-        print(f"[{i}/{len(commands)}] promptseg {' '.join(argv + extra)}", flush=True)
-        if not args.dry_run and _run_promptseg([*argv, *extra]) != 0:
+        shown = " ".join([*launcher[1:], "-m", "promptseg"]) if launcher else "promptseg"
+        print(f"[{i}/{len(commands)}] {shown} {' '.join(argv + extra)}", flush=True)
+        if not args.dry_run and _run_promptseg([*argv, *extra], launcher) != 0:
             failed += 1
     if args.dry_run:
         evals = f"{len(commands)} eval{'s' * (len(commands) != 1)}"
@@ -446,14 +461,27 @@ def cmd_bench_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _run_promptseg(argv: list[str]) -> int:
-    """Exit status of `python -m promptseg ARGV`, its output copied to ours as it comes."""
+def _launcher(name: str, nproc: int | None) -> list[str]:
+    """The argv before `-m promptseg` of each run: none (a plain `python -m promptseg`) or
+    `python -m torch.distributed.run --nproc_per_node N` (one sharded eval on N processes)."""
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if name == "none":
+        if nproc is not None:
+            raise ValueError("--nproc-per-node needs --launcher torchrun")
+        return []
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc or 1)]
+
+
+def _run_promptseg(argv: list[str], launcher: Sequence[str] = ()) -> int:
+    """Exit status of `python -m promptseg ARGV` (after `launcher`, e.g. torchrun's argv), its
+    output copied to ours as it comes."""
     import os
     import subprocess
-    import sys
     import threading
 
-    command = [sys.executable, "-m", "promptseg", *argv]
+    command = [*launcher, "-m", "promptseg", *argv] if launcher else None
+    command = command or [sys.executable, "-m", "promptseg", *argv]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines as they are printed, not at exit
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as run:
         copies = [
@@ -530,6 +558,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", metavar="VAR=VALUE", help="other ${VAR} values")
     p.add_argument("--out", help="results root passed to every run (default: each run's own)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument(
+        "--launcher",
+        choices=["none", "torchrun"],
+        default="none",
+        help="torchrun: run each eval sharded over --nproc-per-node processes "
+        "(python -m torch.distributed.run; one GPU each on CUDA)",
+    )
+    p.add_argument("--nproc-per-node", type=int, help="processes per eval with --launcher torchrun")
     p.set_defaults(func=cmd_bench_run)
 
 

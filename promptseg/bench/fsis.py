@@ -20,6 +20,7 @@ from ..data.fewshot import FewShotInstanceDataset, ShotRecord
 from ..data.splits import file_sha256
 from ..metrics.coco_ap import coco_mask_ap
 from ..prompts import SupportSet, VisualPrompt
+from .distributed import Shard, ordered
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -76,7 +77,7 @@ def _norm(name: str) -> str:
 def _finished_seed(seed_dir: Path, key: str) -> tuple[list[dict[str, Any]], float] | None:
     """(detections, seconds) a resumed run reuses: the seed's results file, if it finished."""
     path = seed_dir / "segm_results.json"
-    if (seed_dir / "progress.json").is_file() or not path.is_file():
+    if any(seed_dir.glob("progress*.json")) or not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
     if saved.get("key") != key:
@@ -97,16 +98,21 @@ def _run_seed(
     key: str,
     resume: bool,
     desc: str,
-) -> tuple[list[dict[str, Any]], float]:
-    """Segment the seed's test images (resumable); (detections in test category ids, seconds)."""
-    (seed_dir / "segm_results.json").unlink(missing_ok=True)
+    shard: Shard,
+) -> tuple[list[dict[str, Any]] | None, float]:
+    """Segment the seed's test images (resumable); (detections in test category ids, seconds).
+
+    In a sharded run each rank segments its images; rank 0 gets every detection in image
+    order, the other ranks None."""
+    if shard.main:
+        (seed_dir / "segm_results.json").unlink(missing_ok=True)
     to_test = _test_category_map(data)
     support = SupportSet(
         [VisualPrompt(r.image_path, r.mask, class_id=r.category_id) for r in records]
     )
     ((prompts, embeddings),) = encode_prompts(model, [support], level="instance")
     detections: list[dict[str, Any]] = []
-    progress = Progress(seed_dir, resume=resume, key=key)
+    progress = Progress(seed_dir, resume=resume, key=key, shard=shard)
     if progress.state is not None:
         detections.extend(progress.state["detections"])
     state = {"detections": detections}
@@ -126,12 +132,19 @@ def _run_seed(
                     "score": rec["score"],
                 }
             )
+    elapsed = shard.max(progress.elapsed)
+    parts = shard.gather(detections)
+    if parts is None:  # another rank: rank 0 writes the seed's results
+        progress.finish()
+        return None, elapsed
+    position = {image_id: i for i, image_id in enumerate(ids)}
+    detections = ordered(parts, lambda d: position[d["image_id"]])
     write_json(
         seed_dir / "segm_results.json",
-        {"key": key, "elapsed": progress.elapsed, "results": detections},
+        {"key": key, "elapsed": elapsed, "results": detections},
     )
     progress.finish()
-    return detections, progress.elapsed
+    return detections, elapsed
 
 
 def eval_fsis(
@@ -150,6 +163,7 @@ def eval_fsis(
     if dataset not in FSIS_DATASETS:
         raise ValueError(f"--dataset must be one of {FSIS_DATASETS}, got {dataset!r}")
     seed_list = parse_seeds(seeds)
+    shard = Shard.current()
     directory = run_dir(out, "fsis", dataset, None, shots, model.card.name)
     prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     per_seed: list[dict[str, Any]] = []
@@ -168,13 +182,17 @@ def eval_fsis(
         seed_dir.mkdir(parents=True, exist_ok=True)
         records = data.shot_records()
         key = f"fsis|{dataset}|{shots}|{seed}|{len(ids)}|{len(records)}"
-        finished = _finished_seed(seed_dir, key) if resume else None
-        if finished is None:
+        finished = _finished_seed(seed_dir, key) if resume and shard.main else None
+        if shard.broadcast(finished is None):  # rank 0 decides: every rank runs the seed
             desc = f"fsis {dataset} s{seed}"
             finished = _run_seed(
-                model, data, records, ids, seed_dir, key=key, resume=resume, desc=desc
+                model, data, records, ids, seed_dir, key=key, resume=resume, desc=desc, shard=shard
             )
+        if not shard.main:
+            continue
+        assert finished is not None
         detections, seconds = finished
+        assert detections is not None
         ap = coco_mask_ap(gt_path, detections, cat_ids=cat_ids, img_ids=ids)
         box = coco_mask_ap(gt_path, detections, iou_type="bbox", cat_ids=cat_ids, img_ids=ids)
         box_ap = {f"box {k}": v for k, v in box.items() if k in ("AP", "AP50", "AP75")}
@@ -189,6 +207,8 @@ def eval_fsis(
         )
         total_s += seconds
 
+    if not shard.main:  # another rank: rank 0 writes the result
+        return shard.broadcast(None)
     names = [k for k, v in per_seed[0].items() if isinstance(v, float)]
     metrics = {n: _mean([row[n] for row in per_seed]) for n in names}
     payload = {
@@ -223,7 +243,7 @@ def eval_fsis(
             "seeds": seed_files,
         },
     }
-    return write_result(directory, payload, total_s, len(ids), "image")
+    return shard.broadcast(write_result(directory, payload, total_s, len(ids), "image"))
 
 
 def _mean(values: list[float]) -> float:

@@ -24,6 +24,7 @@ from ..data.splits import file_sha256, find_split
 from ..metrics.fss import FewShotSegEvaluator
 from ..prompts import SupportSet, VisualPrompt
 from ..transforms import resize_mask
+from .distributed import Shard
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -108,11 +109,13 @@ def eval_fss(
     # a non-default threshold is another run of the same model: its own folder (threshold sweeps)
     name = model.card.name if threshold is None else f"{model.card.name}@t{threshold:g}"
     directory = run_dir(out, "fss", dataset, fold_label, shots, name)
+    shard = Shard.current()
     prepare_run_dir(directory, resume=resume, overwrite=overwrite)
-    (directory / "episodes.tsv").write_text(serialize_episodes(eps), encoding="utf-8")
+    if shard.main:
+        (directory / "episodes.tsv").write_text(serialize_episodes(eps), encoding="utf-8")
     evaluator = FewShotSegEvaluator(data.class_ids)
     key = f"{digest}|{size}|{threshold}"
-    progress = Progress(directory, resume=resume, key=key)
+    progress = Progress(directory, resume=resume, key=key, shard=shard)
     if progress.state is not None:
         evaluator.load_state_dict(progress.state)
 
@@ -120,7 +123,7 @@ def eval_fss(
         refs = [VisualPrompt(s.image, s.mask, class_id=ep.class_id) for s in data.supports(ep)]
         return ep, data.query(ep), SupportSet(refs)
 
-    todo = [ep for ep in eps if ep.index not in progress.done]
+    todo = [ep for ep in eps if ep.index not in progress.done and shard.owns(ep.index)]
     loaded = prefetch(load, todo, workers, ahead=max(2 * workers, batch_size))
     for ep, query, prompts, embeddings in progress.iterate(
         _encoded(model, loaded, batch_size),
@@ -143,7 +146,16 @@ def eval_fss(
         evaluator.update(pred.numpy(), gt, ep.class_id, ignore)
         if save_preds:
             _save_pred(directory / "preds" / f"{ep.index:05d}.png", pred)
-    timing_total = progress.elapsed
+    timing_total = shard.max(progress.elapsed)
+    if save_preds:
+        mine = [f"preds/{ep.index:05d}.png" for ep in eps if shard.owns(ep.index)]
+        shard.gather_files(directory, mine)
+    states = shard.gather(evaluator.state_dict())
+    if states is None:  # another rank: rank 0 writes the result
+        progress.finish()
+        return shard.broadcast(None)
+    for state in states[1:]:  # integer sums: exactly the single-process accumulators
+        evaluator.merge(FewShotSegEvaluator.from_state_dict(state))
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "fss",
@@ -173,7 +185,7 @@ def eval_fss(
         "loader": {"batch_size": batch_size, "workers": workers},
     }
     progress.finish()
-    return write_result(directory, payload, timing_total, len(eps), "episode")
+    return shard.broadcast(write_result(directory, payload, timing_total, len(eps), "episode"))
 
 
 def _encoded(

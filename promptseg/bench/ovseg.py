@@ -30,6 +30,7 @@ from ..metrics.coco_ap import coco_mask_ap
 from ..metrics.panoptic import PQStat, id2rgb, pq_compute, pq_stat_image
 from ..metrics.semseg import SemSegEvaluator
 from ..prompts import Vocabulary
+from .distributed import Shard, ordered
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -206,7 +207,8 @@ def eval_ovseg(
         }
 
     key = f"ovseg|{dataset}|{','.join(tasks_run)}|{len(items)}|{vocabulary_source}"
-    progress = Progress(directory, resume=resume, key=key)
+    shard = Shard.current()
+    progress = Progress(directory, resume=resume, key=key, shard=shard)
     if progress.state is not None:
         saved = progress.state
         if evaluator is not None and saved["semseg"] is not None:
@@ -241,6 +243,28 @@ def eval_ovseg(
             instances = _at_level(result, "instance")
             detections.extend(_detections(instances, data.category_ids, data.things, image_id))
 
+    timing_total = shard.max(progress.elapsed)
+    if "pq" in tasks_run:  # the prediction PNGs pq_compute reads on rank 0
+        names = [Path(it.panoptic_png).name for i, (_, _, it) in enumerate(items) if shard.owns(i)]
+        shard.gather_files(pred_dir, names)
+    states = shard.gather(state())
+    if states is None:  # another rank: rank 0 writes the result
+        progress.finish()
+        return shard.broadcast(None)
+    if shard.distributed:
+        position = {image_id: i for i, (image_id, _, _) in enumerate(items)}
+        for other in states[1:]:
+            if evaluator is not None:
+                evaluator.merge(SemSegEvaluator.from_state_dict(other["semseg"]))
+            # per-category iou sums are floats: merged they may differ from a single-process
+            # run's in the last bits (~1e-12); PQ itself is recomputed from the files, exactly
+            pq_stat.merge(PQStat.from_state_dict(other["pq"]))
+        pq_annotations[:] = ordered(
+            [s["pq_annotations"] for s in states], lambda a: position[a["image_id"]]
+        )
+        detections[:] = ordered(
+            [s["detections"] for s in states], lambda d: position[d["image_id"]]
+        )
     metrics: dict[str, Any] = {}
     per_class: dict[str, Any] = {}
     accumulators: dict[str, Any] = {}
@@ -291,7 +315,6 @@ def eval_ovseg(
         metrics.update(ap)
         files["instances_results"] = "instances_results.json"
 
-    timing_total = progress.elapsed
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "ovseg",
@@ -319,7 +342,7 @@ def eval_ovseg(
         "files": files,
     }
     progress.finish()
-    return write_result(directory, payload, timing_total, len(items), "image")
+    return shard.broadcast(write_result(directory, payload, timing_total, len(items), "image"))
 
 
 def _at_level(result: Any, level: str) -> Any:

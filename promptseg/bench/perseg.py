@@ -21,6 +21,7 @@ from PIL import Image
 from ..data.perseg import PerSegDataset, PerSegItem
 from ..metrics.perseg import REFERENCE_STEM, PerSegEvaluator
 from ..prompts import VisualPrompt
+from .distributed import Shard
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -57,7 +58,8 @@ def eval_perseg(
     directory = run_dir(out, "perseg", "perseg", None, 1, model.card.name)
     prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     evaluator = PerSegEvaluator(objects)
-    progress = Progress(directory, resume=resume, key=f"perseg|{digest}")
+    shard = Shard.current()
+    progress = Progress(directory, resume=resume, key=f"perseg|{digest}", shard=shard)
     if progress.state is not None:
         evaluator.load_state_dict(progress.state)
     prompts: dict[str, tuple[VisualPrompt, Any]] = {}  # object -> (prompt, its embedding)
@@ -80,7 +82,16 @@ def eval_perseg(
             path = directory / "preds" / item.object / f"{item.stem}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pred.astype(np.uint8) * 255).save(path)
-    timing_total = progress.elapsed
+    timing_total = shard.max(progress.elapsed)
+    if save_preds:
+        mine = [f"preds/{it.object}/{it.stem}.png" for i, it in enumerate(items) if shard.owns(i)]
+        shard.gather_files(directory, mine)
+    states = shard.gather(evaluator.state_dict())
+    if states is None:  # another rank: rank 0 writes the result
+        progress.finish()
+        return shard.broadcast(None)
+    for state in states[1:]:  # integer sums: exactly the single-process accumulators
+        evaluator.merge(PerSegEvaluator.from_state_dict(state))
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "perseg",
@@ -108,4 +119,4 @@ def eval_perseg(
         "preds": str(directory / "preds") if save_preds else None,
     }
     progress.finish()
-    return write_result(directory, payload, timing_total, len(items), "image")
+    return shard.broadcast(write_result(directory, payload, timing_total, len(items), "image"))

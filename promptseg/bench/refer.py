@@ -21,6 +21,7 @@ import torch
 from ..data.dense import PhraseCutDataset, PhraseCutSample
 from ..metrics.clipseg import FixedIntervalMetrics
 from ..transforms import resize_mask
+from .distributed import Shard, interleave
 from .fss import protocol_resolution, resolution_label
 from .runner import (
     SCHEMA_VERSION,
@@ -103,7 +104,8 @@ def eval_refer(
     prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     metric = FixedIntervalMetrics(sigmoid=True, resize_pred=True)
     key = f"refer|{dataset}|{size}|{len(samples)}|{images[0][0] if images else ''}"
-    progress = Progress(directory, resume=resume, key=key)
+    shard = Shard.current()
+    progress = Progress(directory, resume=resume, key=key, shard=shard)
     if progress.state is not None:
         metric.load_state_dict(progress.state)
     for image_id, group in progress.iterate(
@@ -118,6 +120,13 @@ def eval_refer(
             gt = resize_mask(torch.from_numpy(gt), size).numpy()
             pred = lg.numpy() if lg is not None else np.full(size, -np.inf, dtype=np.float32)
             metric.update(pred, gt, None)
+    timing_total = shard.max(progress.elapsed)
+    states = shard.gather(metric.state_dict())
+    if states is None:  # another rank: rank 0 writes the result
+        progress.finish()
+        return shard.broadcast(None)
+    if shard.distributed:
+        metric.load_state_dict(_merged(states, [len(group) for _, group in images]))
     summary = metric.compute(fixed)
     best = metric.best()
     metrics: dict[str, Any] = {}
@@ -136,7 +145,6 @@ def eval_refer(
         "IoU_BIN": 100.0 * best["biniou_best"],
         "IoU_BIN_t": best["biniou_best_t"],
     }
-    timing_total = progress.elapsed
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "refer",
@@ -164,4 +172,16 @@ def eval_refer(
         "accumulators": metric.state_dict(),
     }
     progress.finish()
-    return write_result(directory, payload, timing_total, len(samples), "sample")
+    return shard.broadcast(write_result(directory, payload, timing_total, len(samples), "sample"))
+
+
+def _merged(states: list[dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """The metric state of a single-process run from the ranks' states: totals summed (ints),
+    per-sample counts put back in image order (the mIoU mean then sums in the same order)."""
+    merged = dict(states[0])
+    merged["total"] = sum(np.asarray(s["total"], dtype=np.int64) for s in states)
+    merged["n_samples"] = sum(int(s["n_samples"]) for s in states)
+    parts = [list(np.asarray(s["sample_counts"], dtype=np.int64)) for s in states]
+    shape = np.asarray(merged["total"]).shape
+    merged["sample_counts"] = np.array(interleave(parts, sizes), dtype=np.int64).reshape(-1, *shape)
+    return merged

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..jsonable import to_jsonable
+from .distributed import Shard
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -85,15 +86,33 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 class Progress:
-    """Resumable iteration: yields the items not yet done, checkpointing the accumulator state."""
+    """Resumable iteration: yields the items not yet done, checkpointing the accumulator state.
 
-    def __init__(self, directory: Path, *, resume: bool, key: str, every: int = 25) -> None:
-        self.path = directory / "progress.json"
+    In a sharded run (`Shard.current()` of several ranks) each rank keeps its own file,
+    `progress.rank<R>.json`, iterates only the items it owns and saves once more when its shard
+    is done; only rank 0 shows a bar (its own shard's count times the number of ranks).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        resume: bool,
+        key: str,
+        every: int = 25,
+        shard: Shard | None = None,
+    ) -> None:
+        self.shard = shard or Shard.current()
+        world = self.shard.world_size
+        name = "progress.json" if world == 1 else f"progress.rank{self.shard.rank}.json"
+        self.path = directory / name
         self.key = key  # identifies the run (e.g. the episode digest): a mismatch never resumes
         self.every = every
         self.done: set[int] = set()
         self.state: dict[str, Any] | None = None
         self.elapsed = 0.0
+        if resume:
+            _check_world(directory, world)
         if resume and self.path.is_file():
             saved = json.loads(self.path.read_text(encoding="utf-8"))
             if saved.get("key") != key:
@@ -106,21 +125,35 @@ class Progress:
             self.elapsed = float(saved.get("elapsed", 0.0))
         elif self.path.is_file():
             self.path.unlink()
+        if not resume and self.shard.main:
+            _drop_other_worlds(directory, world)
+
+    def owns(self, index: int) -> bool:
+        """Whether this rank scores item `index` (always, in a single-process run)."""
+        return self.shard.owns(index)
 
     def iterate(
         self, items: Iterable[Any], total: int, state_fn, *, desc: str, index=lambda i, x: i
     ) -> Iterator[Any]:
-        """Yield (not yet done) items; every `every` items save `state_fn()` and the done set."""
+        """Yield this rank's (not yet done) items; every `every` items save `state_fn()` and the
+        done set."""
         start = time.perf_counter() - self.elapsed
         since_save = 0
-        bar = tqdm(total=total, initial=len(self.done), desc=desc, disable=None, leave=False)
+        scale = self.shard.world_size
+        bar = tqdm(
+            total=total,
+            initial=min(total, scale * len(self.done)),
+            desc=desc,
+            disable=None if self.shard.main else True,
+            leave=False,
+        )
         for i, item in enumerate(items):
             idx = index(i, item)
-            if idx in self.done:
+            if idx in self.done or not self.shard.owns(idx):
                 continue
             yield item
             self.done.add(idx)
-            bar.update(1)
+            bar.update(min(scale, total - bar.n))
             since_save += 1
             if since_save >= self.every:
                 self.elapsed = time.perf_counter() - start
@@ -128,16 +161,50 @@ class Progress:
                 since_save = 0
         bar.close()
         self.elapsed = time.perf_counter() - start
+        if self.shard.distributed and since_save:
+            self.save(state_fn())  # a rank waiting for the others keeps its finished shard
 
     def save(self, state: Mapping[str, Any]) -> None:
         write_json(
             self.path,
-            {"key": self.key, "done": sorted(self.done), "state": state, "elapsed": self.elapsed},
+            {
+                "key": self.key,
+                "done": sorted(self.done),
+                "state": state,
+                "elapsed": self.elapsed,
+                "world_size": self.shard.world_size,
+            },
         )
 
     def finish(self) -> None:
         """The run completed: the result JSON now holds everything progress.json did."""
         self.path.unlink(missing_ok=True)
+
+
+def _saved_world(path: Path) -> int | None:
+    """The number of processes of the run that wrote a progress file (None: unreadable)."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8")).get("world_size", 1))
+    except (OSError, ValueError):
+        return None
+
+
+def _drop_other_worlds(directory: Path, world: int) -> None:
+    """A fresh run: forget the progress files of earlier runs with another number of processes."""
+    for path in directory.glob("progress*.json"):
+        if _saved_world(path) not in (world, None):
+            path.unlink(missing_ok=True)
+
+
+def _check_world(directory: Path, world: int) -> None:
+    """Refuse to resume progress files written by a run with another number of processes."""
+    saved = [_saved_world(p) for p in directory.glob("progress*.json")]
+    other = sorted({w for w in saved if w is not None and w != world})
+    if other:
+        raise ValueError(
+            f"{directory} holds the progress of a run with {other[0]} process(es), this one has "
+            f"{world}; resume with --nproc_per_node {other[0]} (torchrun) or run without --resume"
+        )
 
 
 def environment(model: torch.nn.Module) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..data.dense import DAVIS_VOID, DavisDataset, load_label_png
 from ..imageio import save_label_png
 from ..metrics.davis import MEASURES, evaluate_davis, object_scores, summarize
 from ..transforms import resize_mask
+from .distributed import Shard
 from .runner import (
     SCHEMA_VERSION,
     Progress,
@@ -137,9 +138,11 @@ def eval_vos(
     png_dir = directory / "pngs"
     prepare_run_dir(directory, resume=resume, overwrite=overwrite)
     key = f"vos|{dataset}|{model.card.name}|{','.join(sequences)}"
-    progress = Progress(directory, resume=resume, key=key, every=1)
-    if not resume and png_dir.exists():
+    shard = Shard.current()
+    progress = Progress(directory, resume=resume, key=key, every=1, shard=shard)
+    if not resume and png_dir.exists() and shard.main:
         shutil.rmtree(png_dir)
+    shard.barrier()  # no rank writes PNGs before rank 0 cleared the old ones
     n_frames = {s: len(data.frames(s)) for s in sequences}
     options = _video_options(model, dataset)
     with torch.inference_mode():
@@ -148,11 +151,17 @@ def eval_vos(
                 shutil.rmtree(png_dir / seq)  # a sequence interrupted half-way is redone
             _run_sequence(model, data, seq, png_dir, merge, options)
     progress.save({})
+    timing_total = shard.max(progress.elapsed)
+    mine = [s for i, s in enumerate(sequences) if shard.owns(i)]
+    shard.gather_files(png_dir, [f"{s}/{f.stem}.png" for s in mine for f in data.frames(s)])
+    if not shard.main:  # rank 0 scores every sequence's PNGs and writes the result
+        shard.barrier()
+        progress.finish()
+        return shard.broadcast(None)
     if merge:
         scores = _evaluate_merged(data, png_dir, sequences)
     else:
         scores = evaluate_davis(data.root, png_dir, year=year, sequences=sequences)
-    timing_total = progress.elapsed
     total_frames = sum(n_frames.values())
     rows = scores["per_object"]
     payload = {
@@ -183,7 +192,8 @@ def eval_vos(
         "pngs": str(png_dir) if save_pngs else None,
     }
     write_result(directory, payload, timing_total, total_frames, "frame")
+    shard.barrier()  # the other ranks keep their progress until the result exists
     progress.finish()
     if not save_pngs:
         shutil.rmtree(png_dir, ignore_errors=True)
-    return payload
+    return shard.broadcast(payload)
