@@ -424,6 +424,31 @@ def save_train_state(
     torch.save(state, path)
 
 
+def checkpoint(
+    ctx: Distributed,
+    config: TrainConfig,
+    step: int,
+    model: nn.Module,
+    /,
+    *,
+    rng: np.random.Generator,
+    **parts: Any,
+) -> None:
+    """After optimiser step `step` (0-based), every `save_every` steps and at the last: rank 0
+    writes the weights (`out`/promptseg.safetensors) and what `resume: true` continues from
+    (`out`/train_state.pt: `parts`' states and every rank's random states). All ranks call it."""
+    if (step + 1) % config.save_every and step + 1 != config.steps:
+        return
+    from ..weights import save_state_dict_file
+
+    ranks = rank_states(ctx, rng)  # a collective
+    if ctx.main:
+        out_dir = Path(config.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
+        save_train_state(out_dir / STATE_FILE, step=step + 1, rng=rng, ranks=ranks, **parts)
+
+
 def load_train_state(
     path: Path,
     *,

@@ -47,15 +47,14 @@ from .common import (
     TrainConfig,
     autocast,
     broadcast_parameters,
+    checkpoint,
     grad_scaler,
     load_train_state,
     lr_factor,
     optimiser_step,
-    rank_states,
     reduce_gradients,
     run_from_file,
     sample_generator,
-    save_train_state,
     start_distributed,
     trainable_model,
 )
@@ -171,7 +170,6 @@ def episode_loss(
 def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
     over the step's episodes, all ranks); rank 0 saves the weights and the training state."""
-    from ..weights import save_state_dict_file
 
     config.check()
     ctx = start_distributed(config)
@@ -226,20 +224,17 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
         total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.4f}", grad_norm=f"{norm:.2f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            ranks = rank_states(ctx, rng)
-            if ctx.main:
-                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-                save_train_state(
-                    state_path,
-                    step=step + 1,
-                    rng=rng,
-                    ranks=ranks,
-                    model=model,
-                    optimiser=optimiser,
-                    schedule=schedule,
-                    **({"scaler": scaler} if scaler.is_enabled() else {}),
-                )
+        checkpoint(
+            ctx,
+            config,
+            step,
+            model,
+            rng=rng,
+            model=model,
+            optimiser=optimiser,
+            schedule=schedule,
+            **({"scaler": scaler} if scaler.is_enabled() else {}),
+        )
     model.eval()
     return losses
 

@@ -78,14 +78,13 @@ from .common import (
     TrainConfig,
     autocast,
     broadcast_parameters,
+    checkpoint,
     configured_model,
     load_train_state,
     pil_resize,
-    rank_states,
     reduce_gradients,
     run_from_file,
     sample_generator,
-    save_train_state,
     start_distributed,
 )
 
@@ -837,7 +836,6 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], path: Path)
 
 def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run."""
-    from ..weights import save_state_dict_file
 
     config.check()
     ctx = start_distributed(config, divisor=config.micro_batch)
@@ -922,21 +920,18 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.3f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            ranks = rank_states(ctx, rng)
-            if ctx.main:
-                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-                save_train_state(
-                    state_path,
-                    step=step + 1,
-                    rng=rng,
-                    ranks=ranks,
-                    trainable=trainable_state(model),
-                    optimiser=optimiser,
-                    schedule=schedule,
-                    scaler=scaler,
-                    sampler=sampler,
-                )
+        checkpoint(
+            ctx,
+            config,
+            step,
+            model,
+            rng=rng,
+            trainable=trainable_state(model),
+            optimiser=optimiser,
+            schedule=schedule,
+            scaler=scaler,
+            sampler=sampler,
+        )
     model.eval()
     return losses
 

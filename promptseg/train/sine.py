@@ -58,15 +58,14 @@ from .common import (
     autocast,
     broadcast_parameters,
     build_optimiser,
+    checkpoint,
     grad_scaler,
     load_train_state,
     optimiser_step,
     pil_resize,
-    rank_states,
     reduce_gradients,
     run_from_file,
     sample_generator,
-    save_train_state,
     start_distributed,
     trainable_model,
 )
@@ -218,7 +217,6 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
 def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
     over the step's pairs, all ranks); rank 0 saves the weights and the training state."""
-    from ..weights import save_state_dict_file
 
     config.check()
     ctx = start_distributed(config)
@@ -273,21 +271,17 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
         total = ctx.sum(total)
         losses.append(total)
         bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.2f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            ranks = rank_states(ctx, rng)
-            if ctx.main:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                save_state_dict_file(model.state_dict(), out_dir / "promptseg.safetensors")
-                save_train_state(
-                    state_path,
-                    step=step + 1,
-                    rng=rng,
-                    ranks=ranks,
-                    head=model.head,
-                    optimiser=optimiser,
-                    schedule=schedule,
-                    scaler=scaler,
-                )
+        checkpoint(
+            ctx,
+            config,
+            step,
+            model,
+            rng=rng,
+            head=model.head,
+            optimiser=optimiser,
+            schedule=schedule,
+            scaler=scaler,
+        )
     model.eval()
     return losses
 
