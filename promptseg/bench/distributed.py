@@ -110,6 +110,16 @@ class Shard:
         dist.gather_object(obj, out, dst=0)
         return out
 
+    def merged(self, evaluator: Any) -> Any | None:
+        """On rank 0, `evaluator` with every rank's accumulators merged into it (integer sums:
+        exactly the single-process ones); None on the other ranks. All ranks call it."""
+        states = self.gather(evaluator.state_dict())
+        if states is None:
+            return None
+        for state in states[1:]:
+            evaluator.merge(type(evaluator).from_state_dict(state))
+        return evaluator
+
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.distributed:

@@ -150,12 +150,9 @@ def eval_fss(
     if save_preds:
         mine = [f"preds/{ep.index:05d}.png" for ep in eps if shard.owns(ep.index)]
         shard.gather_files(directory, mine)
-    states = shard.gather(evaluator.state_dict())
-    if states is None:  # another rank: rank 0 writes the result
+    if shard.merged(evaluator) is None:  # another rank: rank 0 writes the result
         progress.finish()
         return shard.broadcast(None)
-    for state in states[1:]:  # integer sums: exactly the single-process accumulators
-        evaluator.merge(FewShotSegEvaluator.from_state_dict(state))
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "fss",

@@ -86,12 +86,9 @@ def eval_perseg(
     if save_preds:
         mine = [f"preds/{it.object}/{it.stem}.png" for i, it in enumerate(items) if shard.owns(i)]
         shard.gather_files(directory, mine)
-    states = shard.gather(evaluator.state_dict())
-    if states is None:  # another rank: rank 0 writes the result
+    if shard.merged(evaluator) is None:  # another rank: rank 0 writes the result
         progress.finish()
         return shard.broadcast(None)
-    for state in states[1:]:  # integer sums: exactly the single-process accumulators
-        evaluator.merge(PerSegEvaluator.from_state_dict(state))
     payload = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "perseg",
