@@ -220,3 +220,60 @@ def test_page_in_headless_chromium(served, browser, tmp_path):
     assert browser.save_screenshot(str(shot))
     shutil.copyfile(shot, SCREENSHOT_COPY)
     assert time.perf_counter() - start < 40
+
+
+@pytest.mark.skipif(_browser_missing() is not None, reason=str(_browser_missing()))
+def test_reference_mask_painted_in_headless_chromium(served, browser, tmp_path, monkeypatch):
+    """Paint a stroke on the dog block in the reference editor: the page hands that stroke to
+    the models as the mask, and the colour-matching test model then finds the whole block."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    import promptseg.demo as demo
+
+    drawn = []
+    original = demo.reference_from_inputs
+
+    def recording(*args):
+        drawn.append(original(*args))
+        return drawn[-1]
+
+    monkeypatch.setattr(demo, "reference_from_inputs", recording)
+    url, _ = served
+    wait = WebDriverWait(browser, 30)
+    browser.get(url)
+    scene(tmp_path / "scene.png")
+    accordion = wait.until(
+        lambda d: [b for b in d.find_elements(By.TAG_NAME, "button") if "Reference" in b.text]
+    )
+    accordion[0].click()
+    upload = wait.until(
+        ec.presence_of_element_located((By.CSS_SELECTOR, "#reference input[type=file]"))
+    )
+    upload.send_keys(str(tmp_path / "scene.png"))
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#reference button[title=Brush]"))
+    time.sleep(1)  # the editor draws the uploaded image onto its canvas
+    canvas = browser.find_elements(By.CSS_SELECTOR, "#reference canvas")[-1]
+    # the image fills the canvas's height, centred: (70, 20) from the centre is on the dog block
+    stroke = ActionChains(browser).move_to_element_with_offset(canvas, 70, 20).click_and_hold()
+    stroke.move_by_offset(20, 10).move_by_offset(20, 20).move_by_offset(-20, 20).release()
+    stroke.perform()
+    browser.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(
+        str(tmp_path / "scene.png")
+    )
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
+    browser.find_element(By.CSS_SELECTOR, "#run").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#files a[href*='results.json']"))
+
+    image, mask = drawn[-1]
+    dog = np.zeros(mask.shape, dtype=bool)
+    dog[64:176, 144:232] = True
+    assert image.shape == (192, 256, 3) and mask.sum() > 500 and not (mask & ~dog).any()
+    link = browser.find_element(By.CSS_SELECTOR, "#files a[href*='results.json']")
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as response:
+        record = json.loads(response.read())
+    colorkey = record["models"][0]
+    assert colorkey["model"] == "test_colorkey" and colorkey["labels"] == ["reference 0"]
+    assert colorkey["pixels"] == [int(dog.sum())]

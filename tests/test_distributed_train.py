@@ -15,13 +15,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from promptseg.testing.mini_dense import make_mini_dense
 from promptseg.train.common import (
     Distributed,
+    GradientAccumulator,
     autocast,
     grad_scaler,
-    reduce_gradients,
     start_distributed,
+    stop_distributed,
 )
+from promptseg.train.diffews import DiffewSTrainConfig, train_diffews
+from promptseg.train.odise import train_odise
 from promptseg.train.sine import SINETrainConfig, train_sine
 from promptseg.weights import load_state_dict_file
 from tests.test_sine_train import write_coco
@@ -46,8 +50,8 @@ def config(root: Path, out: str, **kw: object) -> SINETrainConfig:
     return SINETrainConfig(**{**base, **kw})
 
 
-def worker(rank: int, world: int, port: int, root: str) -> None:
-    """One rank: the full run, then a run stopped after 2 steps and resumed to STEPS."""
+def as_rank(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank `rank` of `world` for torchrun's env:// start, one thread."""
     os.environ.update(
         WORLD_SIZE=str(world),
         RANK=str(rank),
@@ -56,14 +60,68 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
         MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    from promptseg.train.common import stop_distributed
 
+
+def worker(rank: int, world: int, port: int, root: str) -> None:
+    """One rank: the full run, then a run stopped after 2 steps and resumed to STEPS."""
+    as_rank(rank, world, port)
     base = Path(root)
     try:
         full = train_sine(config(base, "full", device="cpu"), progress=False)
         train_sine(config(base, "part", device="cpu", steps=2), progress=False)
         rest = train_sine(config(base, "part", device="cpu", resume=True), progress=False)
         (base / f"losses{rank}.json").write_text(json.dumps({"full": full, "rest": rest}))
+    finally:
+        stop_distributed()
+
+
+def other_families(root: Path, out: str) -> dict[str, object]:
+    """DiffewS and ODISE (label model), 2 steps of a global batch of 4: with 2 processes each
+    rank accumulates 2 samples, the first without synchronising (DDP's no_sync). Returns the
+    losses and the first step's gradients (after DDP's all-reduce)."""
+    from promptseg.train import diffews as diffews_trainer
+    from promptseg.train import odise as odise_trainer
+    from tests.test_odise_train import tiny as odise_tiny
+
+    ann = write_coco(root)
+    diffews = DiffewSTrainConfig(
+        model="diffews_test_tiny", pretrained=False, annotations=str(ann), images=str(root),
+        steps=2, batch_size=4, lr=3e-3, weight_decay=0.0, out=str(root / out / "diffews"),
+        device="cpu",
+    )  # fmt: skip
+    make_mini_dense(root / "mini", ["coco-panoptic"])
+    odise = odise_tiny(root / "mini" / "coco", root / out / "odise", steps=2, batch_size=4)
+    odise.device = "cpu"
+    grads: dict[str, list] = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for module, name in ((diffews_trainer, "optimiser_step"),
+                             (odise_trainer, "scaled_optimiser_step")):  # fmt: skip
+            patch.setattr(module, name, first_gradient_spy(getattr(module, name), module, grads))
+        losses = {
+            "diffews": train_diffews(diffews, progress=False),
+            "odise": train_odise(odise, progress=False),
+        }
+    return {"losses": losses, "grads": grads}
+
+
+def first_gradient_spy(step: object, module: object, into: dict[str, list]) -> object:
+    """`step` (a trainer's optimiser step) keeping the gradients of its first call, in optimiser
+    order, as into[module's family]."""
+    family = module.__name__.rsplit(".", 1)[-1]
+
+    def spy(optimiser, *args):
+        grads = [p.grad for g in optimiser.param_groups for p in g["params"]]
+        into.setdefault(family, [None if x is None else x.clone() for x in grads])
+        return step(optimiser, *args)
+
+    return spy
+
+
+def other_worker(rank: int, world: int, port: int, root: str) -> None:
+    """One rank of the DiffewS and ODISE runs."""
+    as_rank(rank, world, port)
+    try:
+        torch.save(other_families(Path(root), "two"), Path(root) / f"other{rank}.pt")
     finally:
         stop_distributed()
 
@@ -111,6 +169,35 @@ def test_two_processes_match_one_process_with_twice_the_batch(tmp_path, monkeypa
     assert state["step"] == STEPS and len(state["ranks"]) == 2  # every rank's random states
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo spawn test on POSIX")
+def test_diffews_and_odise_two_processes_match_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = other_families(tmp_path, "one")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(other_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"other{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank reports the global mean
+    for family in ("diffews", "odise"):
+        np.testing.assert_allclose(
+            ranks[0]["losses"][family], single["losses"][family], rtol=1e-4, err_msg=family
+        )
+        one = single["grads"][family]
+        assert sum(g is not None for g in one) > 10, family
+        for rank in ranks:  # the all-reduced gradient: every rank has the one-process gradient
+            two = rank["grads"][family]
+            assert len(two) == len(one)
+            for i, (a, b) in enumerate(zip(two, one, strict=True)):
+                assert (a is None) == (b is None), (family, i)
+                if b is not None:
+                    scale = float(b.abs().max()) or 1.0
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=family)
+
+
 def test_batch_must_split_evenly_and_one_process_needs_no_group(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"batch_size \(3.*WORLD_SIZE = 2"):
@@ -120,9 +207,16 @@ def test_batch_must_split_evenly_and_one_process_needs_no_group(monkeypatch):
     assert (ctx.rank, ctx.world, list(ctx.positions(3))) == (0, 1, [0, 1, 2])
     assert list(Distributed(rank=1, world=2).positions(6)) == [1, 3, 5]
     p = torch.nn.Parameter(torch.ones(2))
-    p.grad = torch.full((2,), 3.0)
-    reduce_gradients([p], ctx)  # one process: untouched
-    assert p.grad.tolist() == [3.0, 3.0] and ctx.sum(1.5) == 1.5
+    accumulator = GradientAccumulator([p], ctx)
+    assert accumulator.ddp is None  # one process: no DDP, plain accumulation
+    total = accumulator.backward(
+        ctx.positions(3),
+        lambda j: (p * (j + 1)).sum(),
+        3,
+        grad_scaler(SINETrainConfig(), torch.device("cpu")),
+    )
+    assert total == pytest.approx(4.0) and p.grad.tolist() == [2.0, 2.0]
+    assert ctx.sum(1.5) == 1.5
 
 
 def test_amp_key_names_its_values_and_needs_cuda():

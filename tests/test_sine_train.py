@@ -15,8 +15,10 @@ from promptseg.errors import DatasetLayoutError
 from promptseg.train.common import (
     CocoInstances,
     build_optimiser,
+    load_train_state,
     optimiser_step,
     parameter_groups,
+    save_train_state,
     trainable_model,
 )
 from promptseg.train.sine import (
@@ -135,6 +137,27 @@ def test_lr_follows_warmup_then_linear_decay(tmp_path):
     defaults = TrainConfig()
     assert (defaults.lr, defaults.warmup_steps, defaults.weight_decay) == (1e-4, 100, 0.05)
     assert optimiser.defaults["betas"] == (0.9, 0.999) and optimiser.defaults["eps"] == 1e-8
+
+
+def test_a_resumed_run_follows_its_own_schedule(tmp_path):
+    """A run saved at step 3 of 10 and resumed with `steps: 20` continues on the 20-step
+    schedule (the saved optimiser's lr is that of the old one)."""
+    model = trainable_model(tiny_config(tmp_path), "backbone")
+    optimiser, schedule = build_optimiser(
+        model.head, tiny_config(tmp_path, steps=10, warmup_steps=1)
+    )
+    for _ in range(3):
+        optimiser.step()
+        schedule.step()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "train_state.pt"
+    save_train_state(path, step=3, rng=rng, optimiser=optimiser, schedule=schedule)
+    config = tiny_config(tmp_path, steps=20, warmup_steps=1)
+    optimiser, schedule = build_optimiser(model.head, config)
+    step, _ = load_train_state(path, rng=rng, optimiser=optimiser, schedule=schedule)
+    wanted = config.lr * (20 - 3) / (20 - config.warmup_steps)
+    assert step == 3 and config.warmup_steps < 3
+    assert all(g["lr"] == pytest.approx(wanted, rel=1e-9) for g in optimiser.param_groups)
 
 
 def test_gradients_are_clipped_to_the_max_norm(tmp_path):

@@ -9,6 +9,7 @@ created only when `WORLD_SIZE > 1` (env://, as torchrun sets it): gloo on CPU, N
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["Shard", "eval_device", "finish_group", "init_from_env", "interleave", "ordered"]
+__all__ = [
+    "Shard",
+    "SharedCount",
+    "eval_device",
+    "finish_group",
+    "init_from_env",
+    "interleave",
+    "ordered",
+]
 
 
 def _env_int(name: str, default: int) -> int:
@@ -140,6 +149,15 @@ class Shard:
         dist.all_gather_object(values, value)
         return max(values)
 
+    def shared_count(self) -> SharedCount | None:
+        """A new job-wide count of done items (None alone: the bar counts by itself). Every
+        rank calls it once per iteration, in the same order (the counts are numbered)."""
+        if not self.distributed:
+            return None
+        import torch.distributed as dist
+
+        return SharedCount(dist.distributed_c10d._get_default_store(), next(_count_numbers))
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
@@ -169,6 +187,32 @@ class Shard:
                     path = root / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
+
+
+_count_numbers = itertools.count()
+
+
+class SharedCount:
+    """The items done by all ranks together, for rank 0's one progress bar: each rank adds to a
+    counter in the process group's key-value store (torchrun's rendezvous store) as it scores an
+    item, rank 0 reads it. No collective: no rank ever waits for another to count."""
+
+    def __init__(self, store: Any, number: int) -> None:
+        self.store = store
+        self.done_key = f"promptseg/progress/{number}/done"
+        self.finished_key = f"promptseg/progress/{number}/finished"
+
+    def add(self, n: int = 1) -> int:
+        """Count `n` more done items (0: only read); returns the job's total so far."""
+        return int(self.store.add(self.done_key, n))
+
+    def finish(self) -> None:
+        """This rank has no item left."""
+        self.store.add(self.finished_key, 1)
+
+    def finished(self) -> int:
+        """How many ranks have no item left."""
+        return int(self.store.add(self.finished_key, 0))
 
 
 def _sha256(path: Path) -> str | None:

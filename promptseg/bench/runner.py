@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..jsonable import to_jsonable
-from .distributed import Shard
+from .distributed import Shard, SharedCount
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -90,7 +90,8 @@ class Progress:
 
     In a sharded run (`Shard.current()` of several ranks) each rank keeps its own file,
     `progress.rank<R>.json`, iterates only the items it owns and saves once more when its shard
-    is done; only rank 0 shows a bar (its own shard's count times the number of ranks).
+    is done; only rank 0 shows a bar, of the items every rank has done (`SharedCount`), and
+    closes it when every rank has finished its shard.
     """
 
     def __init__(
@@ -139,10 +140,10 @@ class Progress:
         done set."""
         start = time.perf_counter() - self.elapsed
         since_save = 0
-        scale = self.shard.world_size
+        shared = self.shard.shared_count()  # None in one process
         bar = tqdm(
             total=total,
-            initial=min(total, scale * len(self.done)),
+            initial=shared.add(len(self.done)) if shared else len(self.done),
             desc=desc,
             disable=None if self.shard.main else True,
             leave=False,
@@ -153,16 +154,20 @@ class Progress:
                 continue
             yield item
             self.done.add(idx)
-            bar.update(min(scale, total - bar.n))
+            bar.update(shared.add() - bar.n if shared else 1)
             since_save += 1
             if since_save >= self.every:
                 self.elapsed = time.perf_counter() - start
                 self.save(state_fn())
                 since_save = 0
-        bar.close()
         self.elapsed = time.perf_counter() - start
         if self.shard.distributed and since_save:
             self.save(state_fn())  # a rank waiting for the others keeps its finished shard
+        if shared:
+            shared.finish()
+            if self.shard.main:
+                _follow_other_ranks(bar, shared, self.shard.world_size)
+        bar.close()
 
     def save(self, state: Mapping[str, Any]) -> None:
         write_json(
@@ -179,6 +184,25 @@ class Progress:
     def finish(self) -> None:
         """The run completed: the result JSON now holds everything progress.json did."""
         self.path.unlink(missing_ok=True)
+
+
+COLLECTIVE_TIMEOUT_S = 1800.0  # torch.distributed's default process-group timeout
+
+
+def _follow_other_ranks(bar: tqdm, shared: SharedCount, world: int) -> None:
+    """Rank 0, its shard done: advance the bar with the other ranks' items until every rank has
+    finished, or until nothing moved for as long as a collective waits (a rank that died without
+    its launcher stopping the job: the merge's collective then reports it)."""
+    stalled_since = time.monotonic()
+    while shared.finished() < world:
+        done = shared.add(0)
+        if done != bar.n:
+            bar.update(done - bar.n)
+            stalled_since = time.monotonic()
+        elif time.monotonic() - stalled_since > COLLECTIVE_TIMEOUT_S:
+            return
+        time.sleep(0.1)
+    bar.update(shared.add(0) - bar.n)
 
 
 def _saved_world(path: Path) -> int | None:

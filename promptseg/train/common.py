@@ -10,19 +10,21 @@ draws it from the run's one data stream, seeded by `seed` as a single process dr
 r runs forward and backward for samples r, r + N, ... only, so each rank accumulates
 batch_size / N samples. The randomness inside a sample's loss (criterion points, latent samples)
 comes from `sample_generator(seed, step, j)` of its global position j, so it does not depend on
-which rank runs it. After the accumulation `reduce_gradients` sums the trainable parameters'
-gradients over the ranks (each backward divided by the global batch_size: the sum is the mean over
-the global batch, what DistributedDataParallel's averaging of per-rank means gives), so every rank
-takes the same optimiser step; the frozen encoders have no gradient and take no part. Only rank 0
-shows progress and writes files; the printed loss is the mean over the global batch.
+which rank runs it. The trainable parameters are wrapped in DistributedDataParallel
+(`GradientAccumulator`; the frozen encoders are not wrapped and have no gradient), which starts
+every rank from rank 0's values and all-reduces the gradients in the last backward of the step's
+accumulation, so every rank takes the same optimiser step: N processes give the updates of one.
+Only rank 0 shows progress and writes files; the printed loss is the mean over the global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -35,6 +37,7 @@ import yaml
 from PIL import Image
 from timm.layers import LayerNorm2d
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.fewshot import segmentation_to_mask
 from ..errors import DatasetLayoutError
@@ -53,8 +56,7 @@ __all__ = [
     "Distributed",
     "start_distributed",
     "stop_distributed",
-    "reduce_gradients",
-    "broadcast_parameters",
+    "GradientAccumulator",
     "sample_generator",
     "autocast",
     "grad_scaler",
@@ -326,39 +328,59 @@ def stop_distributed() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_parameters(params: list[nn.Parameter], ctx: Distributed) -> None:
-    """Copy rank 0's values of `params` to every rank (DDP's start; same seed builds agree)."""
-    if ctx.world == 1:
-        return
-    with torch.no_grad():
-        for p in params:
-            dist.broadcast(p.data, src=0)
+class TrainableParts(nn.Module):
+    """The trainable parameters as one module, the one DistributedDataParallel wraps (the frozen
+    encoders stay outside it): its forward runs a sample's loss function, so that DDP sees every
+    forward and reduces the gradients of these parameters in the backward."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        super().__init__()
+        self.params = nn.ParameterList(params)  # the model's own Parameter objects, not copies
+
+    def forward(self, loss: Callable[[int], torch.Tensor], position: int) -> torch.Tensor:
+        return loss(position)
 
 
-def reduce_gradients(params: list[nn.Parameter], ctx: Distributed) -> None:
-    """Sum the gradients of `params` over the ranks, in place (each rank divided its backward by
-    the global batch size: the sum is the global mean). A parameter without a gradient on every
-    rank keeps none, as in one process; one with a gradient on some rank gets the sum."""
-    if ctx.world == 1 or not params:
-        return
-    present = torch.tensor(
-        [p.grad is not None for p in params], dtype=torch.float32, device=ctx.device
-    )
-    dist.all_reduce(present)
-    used = [p for p, n in zip(params, present.tolist(), strict=True) if n > 0]
-    buckets: dict[tuple[torch.dtype, torch.device], list[nn.Parameter]] = {}
-    for p in used:
-        buckets.setdefault((p.dtype, p.device), []).append(p)
-    for group in buckets.values():
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group]
-        )
-        device = flat.device
-        flat = flat.to(ctx.device)
-        dist.all_reduce(flat)
-        flat = flat.to(device)
-        for p, part in zip(group, flat.split([p.numel() for p in group]), strict=True):
-            p.grad = part.view_as(p).clone()
+class GradientAccumulator:
+    """Forward and backward of a step's samples on this rank, gradients accumulated; with several
+    processes the trainable parts are wrapped in DistributedDataParallel, which copies rank 0's
+    values to every rank when built and all-reduces the gradients in the step's last backward
+    (`no_sync` before it). DDP averages over the N ranks, so each backward is of
+    loss x N / divisor: the reduced gradient is the sum over the global batch / divisor, the
+    gradient one process accumulating every sample gets."""
+
+    def __init__(self, params: list[nn.Parameter], ctx: Distributed) -> None:
+        self.ctx = ctx
+        self.ddp: DistributedDataParallel | None = None
+        if ctx.world > 1:
+            cuda = ctx.device.type == "cuda"
+            self.ddp = DistributedDataParallel(
+                TrainableParts(params),
+                device_ids=[ctx.device] if cuda else None,
+                find_unused_parameters=True,
+            )
+
+    def backward(
+        self,
+        positions: range,
+        loss: Callable[[int], torch.Tensor],
+        divisor: float,
+        scaler: torch.amp.GradScaler,
+    ) -> float:
+        """Backward of `loss(j) / divisor` for this rank's global positions j (every rank the
+        same count, see start_distributed); returns this rank's sum of those quotients."""
+        total = 0.0
+        for j in positions:
+            if self.ddp is None:
+                value = loss(j)
+                scaler.scale(value / divisor).backward()
+            else:
+                last = j == positions[-1]
+                with contextlib.nullcontext() if last else self.ddp.no_sync():
+                    value = self.ddp(loss, j)
+                    scaler.scale(value * self.ctx.world / divisor).backward()
+            total += float(value.detach()) / divisor
+        return total
 
 
 def configured_model(config: TrainConfig) -> Any:
@@ -459,10 +481,17 @@ def load_train_state(
 ) -> tuple[int, dict[str, Any]]:
     """Restore a save_train_state file into `parts` (objects with load_state_dict) and the
     random states saved for `rank` (rank 0's for a rank the file lacks: the data stream is the
-    same on every rank); returns (the step to continue from, the whole state for the rest)."""
+    same on every rank); returns (the step to continue from, the whole state for the rest).
+    A restored optimiser and LambdaLR schedule continue on this run's schedule: the config's
+    `steps` may have changed since the save, so each group's lr is recomputed for the step."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     for name, part in parts.items():
         part.load_state_dict(state[name])
+    step = int(state["step"])
+    optimiser, schedule = parts.get("optimiser"), parts.get("schedule")
+    if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR) and optimiser is not None:
+        for group, factor in zip(optimiser.param_groups, schedule.lr_lambdas, strict=True):
+            group["lr"] = group["initial_lr"] * factor(step)
     ranks = state.get("ranks") or [state]
     own = ranks[rank] if rank < len(ranks) else ranks[0]
     rng.bit_generator.state = own["rng"]
@@ -470,7 +499,7 @@ def load_train_state(
         generator.set_state(own["generator"])
     if "torch" in own and rank < len(ranks):
         torch.set_rng_state(own["torch"])
-    return int(state["step"]), state
+    return step, state
 
 
 def run_from_file(

@@ -15,8 +15,8 @@ rank's RNGs). The latents' posterior samples of episode j of a step come from
 
 Several processes (torchrun, see promptseg.train.common): every rank draws the step's episodes
 from the one episode stream, rank r trains on episodes r, r + N, ..., the UNet's gradients are
-summed over the ranks before the step (batch_size / N episodes per rank, the same updates as
-one process).
+all-reduced by DistributedDataParallel before the step (batch_size / N episodes per rank, the
+same updates as one process).
 
 Text context: the official training conditioned on the empty prompt padded to 77 tokens, while
 evaluation uses the 2 unpadded tokens the model holds. `text_context: FILE` (the
@@ -44,15 +44,14 @@ from ..registry import register_trainer
 from .common import (
     STATE_FILE,
     CocoInstances,
+    GradientAccumulator,
     TrainConfig,
     autocast,
-    broadcast_parameters,
     checkpoint,
     grad_scaler,
     load_train_state,
     lr_factor,
     optimiser_step,
-    reduce_gradients,
     run_from_file,
     sample_generator,
     start_distributed,
@@ -167,6 +166,20 @@ def episode_loss(
     return F.mse_loss(out[:1].float(), target.float()) + 0.0 * out[1:].sum()
 
 
+def step_episode_loss(
+    model: Any,
+    config: DiffewSTrainConfig,
+    step: int,
+    episodes: list[tuple],
+    text_context: torch.Tensor | None,
+    j: int,
+) -> torch.Tensor:
+    """The loss of episode `j` of step `step` (its latent noise keyed by step and position)."""
+    generator = sample_generator(config.seed, step, j)
+    with autocast(config, model.device):
+        return episode_loss(model, episodes[j], generator, text_context)
+
+
 def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
     over the step's episodes, all ranks); rank 0 saves the weights and the training state."""
@@ -179,7 +192,7 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     text_context = training_text_context(config, model)
     autocast(config, model.device)  # amp needs CUDA: say so before training
     params = [p for p in model.parameters() if p.requires_grad]
-    broadcast_parameters(params, ctx)
+    accumulator = GradientAccumulator(params, ctx)
     optimiser = torch.optim.AdamW(
         params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay
     )
@@ -212,14 +225,9 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
         episodes = [sampler() for _ in range(config.batch_size)]  # the step's global batch
-        total = 0.0
-        for j in ctx.positions(config.batch_size):
-            generator = sample_generator(config.seed, step, j)
-            with autocast(config, model.device):
-                loss = episode_loss(model, episodes[j], generator, text_context)
-            scaler.scale(loss / config.batch_size).backward()
-            total += float(loss.detach()) / config.batch_size
-        reduce_gradients(params, ctx)
+        loss = partial(step_episode_loss, model, config, step, episodes, text_context)
+        positions = ctx.positions(config.batch_size)
+        total = accumulator.backward(positions, loss, config.batch_size, scaler)
         norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
         total = ctx.sum(total)
         losses.append(total)

@@ -32,9 +32,9 @@ schedule, scaler, step, data order and every rank's RNGs) on the schedule of the
 
 Several processes (torchrun, see promptseg.train.common): every rank draws the step's
 `batch_size` images from the one data stream (so `num_masks` is the global batch's, as the
-reference all-reduces it), rank r runs micro-batches r, r + N, ... and the gradients are summed
-over the ranks before the step: N processes give the updates of one; `batch_size` must be a
-multiple of N x `micro_batch`.
+reference all-reduces it), rank r runs micro-batches r, r + N, ... and DistributedDataParallel
+all-reduces the trainable parts' gradients before the step: N processes give the updates of
+one; `batch_size` must be a multiple of N x `micro_batch`.
 
 Not reproduced: the grounding loss contrasts the images of one micro-batch, not the global batch
 (the reference gathers them across GPUs), and the evaluation during training; the reference
@@ -75,14 +75,13 @@ from ..registry import register_trainer
 from ..vocabularies import PRESETS
 from .common import (
     STATE_FILE,
+    GradientAccumulator,
     TrainConfig,
     autocast,
-    broadcast_parameters,
     checkpoint,
     configured_model,
     load_train_state,
     pil_resize,
-    reduce_gradients,
     run_from_file,
     sample_generator,
     start_distributed,
@@ -834,6 +833,30 @@ def load_trainable_state(model: nn.Module, state: dict[str, Tensor], path: Path)
 # the loop
 
 
+def micro_batch_loss(
+    model: Any,
+    config: ODISETrainConfig,
+    step: int,
+    samples: Sequence[TrainingSample],
+    text: ClassText | None,
+    criterion: SetCriterion,
+    num_masks: float,
+    m: int,
+) -> torch.Tensor:
+    """The total loss of micro-batch `m` of step `step` (random points keyed by its first image)."""
+    first = m * config.micro_batch
+    loss, _ = batch_loss(
+        model,
+        samples[first : first + config.micro_batch],
+        text,
+        criterion,
+        num_masks,
+        sample_generator(config.seed, step, first),
+        config.amp_dtype,
+    )
+    return loss
+
+
 def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run."""
 
@@ -858,7 +881,7 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         eps=1e-8,
     )
     params = [p for g in optimiser.param_groups for p in g["params"]]
-    broadcast_parameters(params, ctx)
+    accumulator = GradientAccumulator(params, ctx)
     factor = partial(
         step_lr_factor,
         total=config.steps,
@@ -884,8 +907,6 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
             sampler=sampler,
         )
         load_trainable_state(model, state["trainable"], state_path)
-        for group in optimiser.param_groups:  # this run's schedule, `steps` may have changed
-            group["lr"] = group["initial_lr"] * factor(start)
     micro_batches = config.batch_size // config.micro_batch
     losses = []
     bar = tqdm(
@@ -900,21 +921,9 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         ]
         num_masks = max(sum(len(s.labels) for s in samples) / micro_batches, 1.0)
         optimiser.zero_grad(set_to_none=True)
-        total = 0.0
-        for m in ctx.positions(micro_batches):
-            first = m * config.micro_batch
-            loss, _ = batch_loss(
-                model,
-                samples[first : first + config.micro_batch],
-                text,
-                criterion,
-                num_masks,
-                sample_generator(config.seed, step, first),
-                config.amp_dtype,
-            )
-            scaler.scale(loss / micro_batches).backward()
-            total += float(loss.detach()) / micro_batches
-        reduce_gradients(params, ctx)
+        loss = partial(micro_batch_loss, model, config, step, samples, text, criterion, num_masks)
+        positions = ctx.positions(micro_batches)
+        total = accumulator.backward(positions, loss, micro_batches, scaler)
         lr = optimiser.param_groups[0]["lr"]
         norm = scaled_optimiser_step(optimiser, schedule, scaler, config.grad_clip)
         total = ctx.sum(total)

@@ -20,10 +20,11 @@ CUDA autocast (fp16 with a gradient scaler). `resume: true` continues from `out/
 (head, optimiser, schedule, scaler, step, every rank's random states).
 
 Several processes (torchrun, see promptseg.train.common): every rank draws the step's
-`batch_size` pairs from the one pair stream, rank r trains on pairs r, r + N, ... and the head's
-gradients are summed over the ranks before the step: N processes x batch_size / N pairs give the
-updates of one process x batch_size pairs. (Every rank decodes and jitters all the step's pairs,
-cheap next to the encoder and decoder passes, to keep that equality and today's stream.)
+`batch_size` pairs from the one pair stream, rank r trains on pairs r, r + N, ... and the head
+(in DistributedDataParallel) all-reduces its gradients before the step: N processes x
+batch_size / N pairs give the updates of one process x batch_size pairs. (Every rank decodes and
+jitters all the step's pairs, cheap next to the encoder and decoder passes, to keep that
+equality and today's stream.)
 
 Not reproduced: the official data mix (COCO/ADE20K panoptic and COCO/Objects365 instance pairs;
 only one COCO instances json here, so no panoptic stuff segments), ZeRO-2 sharding
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,16 +56,15 @@ from ..transforms import preprocess
 from .common import (
     STATE_FILE,
     CocoInstances,
+    GradientAccumulator,
     TrainConfig,
     autocast,
-    broadcast_parameters,
     build_optimiser,
     checkpoint,
     grad_scaler,
     load_train_state,
     optimiser_step,
     pil_resize,
-    reduce_gradients,
     run_from_file,
     sample_generator,
     start_distributed,
@@ -214,6 +215,21 @@ def training_pair(model: Any, ref: View, tgt: View) -> tuple[dict, dict]:
     return out, target
 
 
+def pair_loss(
+    model: Any,
+    criterion: SINECriterion,
+    config: SINETrainConfig,
+    step: int,
+    pairs: list[tuple[View, View]],
+    j: int,
+) -> torch.Tensor:
+    """The loss of pair `j` of step `step` (its random points keyed by step and position)."""
+    with autocast(config, model.device):
+        output, target = training_pair(model, *pairs[j])
+        generator = sample_generator(config.seed, step, j)
+        return sum(criterion(output, target, generator=generator).values())
+
+
 def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]:
     """Run the optimiser steps (resuming if asked); returns the loss of every step run (the mean
     over the step's pairs, all ranks); rank 0 saves the weights and the training state."""
@@ -224,7 +240,7 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
     data = CocoInstances(config.annotations, config.images)
     model = trainable_model(config, "backbone")
     params = [p for p in model.head.parameters() if p.requires_grad]
-    broadcast_parameters(params, ctx)
+    accumulator = GradientAccumulator(params, ctx)
     optimiser, schedule = build_optimiser(model.head, config)
     scaler = grad_scaler(config, model.device)
     criterion = SINECriterion(world_mean=False)  # per-pair counts, whatever the ranks
@@ -246,8 +262,6 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
         )
         model.train()
         model.backbone.eval()
-        for group, factor in zip(optimiser.param_groups, schedule.lr_lambdas, strict=True):
-            group["lr"] = group["initial_lr"] * factor(start)  # this run's `steps` schedule
     losses = []
     bar = tqdm(
         range(start, config.steps),
@@ -258,15 +272,9 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
         lr = optimiser.param_groups[0]["lr"]
         optimiser.zero_grad(set_to_none=True)
         pairs = [sampler() for _ in range(config.batch_size)]  # the step's global batch
-        total = 0.0
-        for j in ctx.positions(config.batch_size):
-            with autocast(config, model.device):
-                output, target = training_pair(model, *pairs[j])
-                generator = sample_generator(config.seed, step, j)
-                loss = sum(criterion(output, target, generator=generator).values())
-            scaler.scale(loss / config.batch_size).backward()
-            total += float(loss.detach()) / config.batch_size
-        reduce_gradients(params, ctx)
+        loss = partial(pair_loss, model, criterion, config, step, pairs)
+        positions = ctx.positions(config.batch_size)
+        total = accumulator.backward(positions, loss, config.batch_size, scaler)
         norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
         total = ctx.sum(total)
         losses.append(total)

@@ -217,3 +217,55 @@ def test_bench_run_launches_torchrun(tmp_path, capsys):
         capsys.readouterr().out
     )
     assert main(["bench", "run", str(suite), "--nproc-per-node", "2", "--dry-run"]) == 2
+
+
+class _Bar:
+    """tqdm's counting part: the values rank 0's bar showed."""
+
+    def __init__(self, *, total: int, initial: int, disable: bool | None, **kwargs) -> None:
+        self.n, self.shown, self.main = initial, [initial], disable is None
+
+    def update(self, k: int) -> None:
+        self.n += k
+        self.shown.append(self.n)
+
+    def close(self) -> None:
+        pass
+
+
+def test_one_bar_counts_the_items_of_every_rank(tmp_path, monkeypatch):
+    """Rank 0 (4 quick items of 7) keeps its bar going with rank 1's items (slow) until rank 1
+    finishes; the count lives in the group's key-value store (here a HashStore, two threads)."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from promptseg.bench import runner
+    from promptseg.bench.distributed import SharedCount
+
+    store, bars = dist.HashStore(), []
+    monkeypatch.setattr(Shard, "shared_count", lambda self: SharedCount(store, 0))
+
+    def bar(**kwargs):
+        bars.append(_Bar(**kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(runner, "tqdm", bar)
+    seen = {0: [], 1: []}
+
+    def rank(r: int) -> None:
+        progress = runner.Progress(tmp_path / str(r), resume=False, key="k", shard=Shard(r, 2))
+        for item in progress.iterate(range(7), 7, dict, desc="x"):
+            time.sleep(0.05 * r)
+            seen[r].append(item)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == {0: [0, 2, 4, 6], 1: [1, 3, 5]}
+    (main_bar,) = [b for b in bars if b.main]  # rank 0's, the one shown
+    assert main_bar.n == 7 and main_bar.shown == sorted(main_bar.shown)
+    assert int(store.add("promptseg/progress/0/finished", 0)) == 2
