@@ -89,7 +89,7 @@ def preprocess(
         raise ValueError(f"unsupported resize mode {mode!r}; known: 'squash', 'shortest_edge'")
     channels = data_config.get("channels", "rgb")
     if channels == "bgr":
-        x = x.flip(1)  # detectron2 reads BGR and normalises with the RGB statistics (sine.md §1.3)
+        x = x.flip(1)  # detectron2 reads BGR and normalises with the RGB statistics
     elif channels != "rgb":
         raise ValueError(f"unsupported channel order {channels!r}; known: 'rgb', 'bgr'")
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)

@@ -1174,7 +1174,7 @@ def pretrained_state(
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], str, str]:
     """A model's weights in the native layout: checkpoint_path > converted cache > hub > URL
-    (design §4) -> (state dict, where they came from, sha256 of what was read).
+    -> (state dict, where they came from, sha256 of what was read).
 
     The sha256 is of `checkpoint_path`, else of the converted cache file (also when it was just
     written from a download or conversion). Shared components a converter adds (e.g. CLIP for a

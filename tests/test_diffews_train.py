@@ -59,8 +59,8 @@ def test_episodes_are_reproducible_and_need_two_images_of_a_class(tmp_path):
     data = CocoInstances(write_coco(tmp_path), tmp_path)
 
     def draws(seed):
-        sampler = EpisodeSampler(data, 2, np.random.default_rng(seed))
-        return [sampler() for _ in range(4)]
+        sampler, rng = EpisodeSampler(data, 2), np.random.default_rng(seed)
+        return [sampler(rng) for _ in range(4)]
 
     for a, b in zip(draws(0), draws(0), strict=True):
         assert torch.equal(a[1], b[1]) and len(a[2]) == len(b[2])
@@ -69,7 +69,7 @@ def test_episodes_are_reproducible_and_need_two_images_of_a_class(tmp_path):
     one.mkdir()
     single = CocoInstances(write_coco(one, 1), one)
     with pytest.raises(DatasetLayoutError, match="two images"):
-        EpisodeSampler(single, 2, np.random.default_rng(0))
+        EpisodeSampler(single, 2)
     with pytest.raises(ValueError, match="shots"):
         DiffewSTrainConfig(shots=0).check()
 

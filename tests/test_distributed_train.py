@@ -77,8 +77,9 @@ def worker(rank: int, world: int, port: int, root: str) -> None:
 
 def other_families(root: Path, out: str) -> dict[str, object]:
     """DiffewS and ODISE (label model), 2 steps of a global batch of 4: with 2 processes each
-    rank accumulates 2 samples, the first without synchronising (DDP's no_sync). Returns the
-    losses and the first step's gradients (after DDP's all-reduce)."""
+    rank loads and accumulates 2 samples, the first without synchronising (DDP's no_sync).
+    Returns the losses, the first step's gradients (after DDP's all-reduce) and the number of
+    samples this process loaded."""
     from promptseg.train import diffews as diffews_trainer
     from promptseg.train import odise as odise_trainer
     from tests.test_odise_train import tiny as odise_tiny
@@ -93,15 +94,29 @@ def other_families(root: Path, out: str) -> dict[str, object]:
     odise = odise_tiny(root / "mini" / "coco", root / out / "odise", steps=2, batch_size=4)
     odise.device = "cpu"
     grads: dict[str, list] = {}
+    loaded = {"diffews": 0, "odise": 0}  # samples this process drew and loaded
+
+    def counted(family: str, load: object) -> object:
+        def spy(*args, **kwargs):
+            loaded[family] += 1
+            return load(*args, **kwargs)
+
+        return spy
+
     with pytest.MonkeyPatch.context() as patch:
         for module, name in ((diffews_trainer, "optimiser_step"),
                              (odise_trainer, "scaled_optimiser_step")):  # fmt: skip
             patch.setattr(module, name, first_gradient_spy(getattr(module, name), module, grads))
+        sampler = diffews_trainer.EpisodeSampler
+        patch.setattr(sampler, "__call__", counted("diffews", sampler.__call__))
+        patch.setattr(
+            odise_trainer, "training_sample", counted("odise", odise_trainer.training_sample)
+        )
         losses = {
             "diffews": train_diffews(diffews, progress=False),
             "odise": train_odise(odise, progress=False),
         }
-    return {"losses": losses, "grads": grads}
+    return {"losses": losses, "grads": grads, "loaded": loaded}
 
 
 def first_gradient_spy(step: object, module: object, into: dict[str, list]) -> object:
@@ -182,6 +197,8 @@ def test_diffews_and_odise_two_processes_match_one(tmp_path, monkeypatch):
     mp.spawn(other_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"other{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank reports the global mean
+    assert single["loaded"] == {"diffews": 8, "odise": 8}  # 2 steps x 4
+    assert all(r["loaded"] == {"diffews": 4, "odise": 4} for r in ranks)  # each its half only
     for family in ("diffews", "odise"):
         np.testing.assert_allclose(
             ranks[0]["losses"][family], single["losses"][family], rtol=1e-4, err_msg=family

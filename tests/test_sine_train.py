@@ -205,10 +205,10 @@ def test_pairs_from_different_images_of_a_shared_class(tmp_path):
     ann = write_coco(tmp_path, layout=[[1, 3], [1], [2]])
     data = CocoInstances(ann, tmp_path)
     assert data.by_class == {1: [0, 1], 2: [2], 3: [0]}
-    sampler = PairSampler(data, 112, np.random.default_rng(0), crop_pair_prob=0.0)
+    sampler, rng = PairSampler(data, 112, crop_pair_prob=0.0), np.random.default_rng(0)
     cross = 0
     for _ in range(30):
-        ref, tgt = sampler()
+        ref, tgt = sampler(rng)
         assert len(ref.ids) and len(tgt.ids) and set(tgt.cats) <= set(ref.cats)
         assert max(ref.image.shape[:2]) <= 112 and ref.masks.shape[1:] == ref.image.shape[:2]
         assert tgt.masks.shape[1:] == tgt.image.shape[:2] and tgt.masks.any((1, 2)).all()
@@ -219,9 +219,9 @@ def test_pairs_from_different_images_of_a_shared_class(tmp_path):
         else:  # a class found in one image only: crop pair
             assert ref.index in (0, 2)
     assert cross >= 5
-    crop = PairSampler(data, 112, np.random.default_rng(0), crop_pair_prob=1.0)
+    crop = PairSampler(data, 112, crop_pair_prob=1.0)
     for _ in range(10):
-        ref, tgt = crop()
+        ref, tgt = crop(rng)
         assert ref.index == tgt.index
 
 
@@ -229,8 +229,8 @@ def test_pairs_are_reproducible_under_the_seed(tmp_path):
     data = CocoInstances(write_coco(tmp_path), tmp_path)
 
     def draws(seed: int) -> list:
-        sampler = PairSampler(data, 112, np.random.default_rng(seed))
-        return [view for _ in range(5) for view in sampler()]
+        sampler, rng = PairSampler(data, 112), np.random.default_rng(seed)
+        return [view for _ in range(5) for view in sampler(rng)]
 
     a, b, c = draws(0), draws(0), draws(1)
     for x, y in zip(a, b, strict=True):
@@ -259,10 +259,8 @@ def test_frozen_encoder_gets_no_gradient(tmp_path):
         tmp_path, annotations=str(ann), images=str(tmp_path), steps=2, warmup_steps=1
     )
     model = trainable_model(config, "backbone")
-    sampler = PairSampler(
-        CocoInstances(ann, tmp_path), model.canvas("fss"), np.random.default_rng(0)
-    )
-    output, target = training_pair(model, *sampler())
+    sampler = PairSampler(CocoInstances(ann, tmp_path), model.canvas("fss"))
+    output, target = training_pair(model, *sampler(np.random.default_rng(0)))
     output["pred_masks"].sum().backward()
     assert all(p.grad is None and not p.requires_grad for p in model.backbone.parameters())
     assert any(p.grad is not None for p in model.head.parameters())

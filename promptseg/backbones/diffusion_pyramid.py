@@ -1,8 +1,8 @@
 """ODISE's diffusion backbone: Stable Diffusion UNet + VAE taps over sliding windows -> a pyramid.
 
-specs/odise.md §2-§3. The padded image is cut into square windows of side min(window, H, W),
-stride = side (the last one per axis shifted back to end at the border), each resized to
-`window` (bicubic, no antialias) when smaller. Per window:
+The padded image is cut into square windows of side min(window, H, W), stride = side (the last
+one per axis shifted back to end at the border), each resized to `window` (bicubic, no antialias)
+when smaller. Per window:
 the implicit captioner turns the window's CLIP image embedding (supplied by the model) into the
 UNet's text conditioning and a time-embedding offset; the VAE encodes the window (posterior
 mean), the fixed seed-42 noise is added at t = 0, the UNet runs once, and the VAE decoder runs on
@@ -134,7 +134,7 @@ class PositionalLinear(nn.Module):
 
 
 class ImplicitCaptioner(nn.Module):
-    """CLIP image embedding -> UNet text conditioning and time-embedding offset (spec §3.2).
+    """CLIP image embedding -> UNet text conditioning and time-embedding offset.
 
     cond = U + tanh(alpha_cond) * (W_c e + b_c + P_c); cond_emb = tanh(alpha_t) * (W_t e + b_t +
     P_t). Both gates start at zero, so training starts from the empty prompt U.
@@ -170,7 +170,7 @@ class ConvNorm(nn.Conv2d):
 
 
 class BottleneckProjection(nn.Module):
-    """ResNet bottleneck with GroupNorm projecting one tap to the pyramid width (spec §3.5):
+    """ResNet bottleneck with GroupNorm projecting one tap to the pyramid width:
     1x1 -> 3x3 -> 1x1 (width/4 inside), shortcut 1x1 only when the channels change."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -246,7 +246,7 @@ class DiffusionPyramid(DiffusersUNet):
         self.register_buffer("noise", noise, persistent=False)
 
     def _tap_blocks(self, vae_factor: int, unet_factor: int) -> tuple[list[nn.Module], list[int]]:
-        """The 8 tapped resnets (their inputs are the taps, spec §3.4) and their pixel strides."""
+        """The 8 tapped resnets (their inputs are the taps) and their pixel strides."""
         encoder, decoder = self.vae.encoder.down_blocks, self.vae.decoder.up_blocks
         up = self.unet.up_blocks
         if len(encoder) < 4 or len(up) < 4:
@@ -279,7 +279,7 @@ class DiffusionPyramid(DiffusersUNet):
 
     def window_taps(self, windows: Tensor, cond: Tensor, cond_emb: Tensor) -> list[Tensor]:
         """The 8 raw taps of windows [N, 3, window, window] in [0, 1] under conditioning cond
-        [N, 77, context_dim] and cond_emb [N, time_dim] (spec §3.3-3.4), in tap order."""
+        [N, 77, context_dim] and cond_emb [N, time_dim], in tap order."""
         vae, dtype = self.vae, self.dtype
         x = ((windows - 0.5) / 0.5).to(dtype)
         with BlockInputs(self.tap_blocks[:2]) as encoder_taps:

@@ -2,7 +2,7 @@
 
 Wraps a timm DINOv2 `VisionTransformer` built at 518 px (37x37 position table, one CLS token, no
 registers), so its state dict carries timm's = DINOv2's key names under `vit.`. Differences from
-timm's own forward, all required by SINE (spec sine.md §2.1, §10.1-2):
+timm's own forward, all required by SINE:
 - other input sizes use DINOv2's position-table interpolation (bicubic, scale factor
   (g + 0.1) / 37, no antialias, fp32), not timm's dynamic resize;
 - the output is the last block's residual stream *before* `norm`, CLS dropped, as [B, C, gh, gw].

@@ -1,6 +1,6 @@
 """CLIPSeg checkpoints -> the native layout: `backbone.visual.*`, `text_encoder.*`, `head.*`.
 
-Layouts read (spec clipseg.md §4):
+Layouts read:
 - HF transformers `CLIPSegForImageSegmentation` (hub repos CIDAS/clipseg-*, or a save_pretrained
   directory): `clip.*` in HF CLIP names + `decoder.*` with split q/k/v.
 - Official decoder-only `.pth` (rd64-uni, rd16-uni, rd64-uni-refined): `film_mul`, `reduces.k`,
@@ -71,7 +71,7 @@ _OFFICIAL_DECODER_RULES = [  # the official blocks are torch TransformerEncoderL
     (r"(film_mul|film_add|reduces\.\d+)\.(weight|bias)", r"head.\1.\2"),
     (r"blocks\.(\d+)\.(.*)", r"head.blocks.\1.\2"),
     (r"trans_conv\.(.*)", r"head.upsample.\1"),
-    (r"reduce\.(weight|bias)", ""),  # dead weight of the official module (spec §3.3)
+    (r"reduce\.(weight|bias)", ""),  # dead weight of the official module
 ]
 _OPENAI_CLIP_RULES = [
     (r"visual\.(.*)", r"backbone.visual.\1"),

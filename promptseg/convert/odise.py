@@ -1,4 +1,4 @@
-"""ODISE checkpoints -> promptseg's native layout (spec odise.md §8).
+"""ODISE checkpoints -> promptseg's native layout.
 
 An ODISE release `.pth` holds only the trained modules; the frozen Stable Diffusion v1.3 and CLIP
 ViT-L/14-336 come from their own files (components `odise_sd13`, `openai_clip_vit_l14_336`).
@@ -100,7 +100,7 @@ SD_V1_INFERENCE_CONFIG: dict[str, Any] = {
     }
 }
 
-#: The files a folder for `folder_to_native` holds, under their official names (spec §8.1).
+#: The files a folder for `folder_to_native` holds, under their official names.
 OFFICIAL_FILES = {
     "label": (
         "odise_label_coco_50e-b67d2efc.pth",
@@ -149,11 +149,11 @@ _CLIP_SCALARS = ("input_resolution", "context_length", "vocab_size")  # ints in 
 # "" through openai/clip-vit-large-patch14's tokenizer as ldm's FrozenCLIPEmbedder calls it
 # (padding="max_length", 77, truncation): BOS, EOS, then padding with its pad token, which is
 # <|endoftext|> = EOS. Writing the ids needs no tokenizer files; open_clip's tokenizer pads with 0,
-# which changes positions 2..76 of the output (spec §8.3.4).
+# which changes positions 2..76 of the output.
 BOS, EOS, TEXT_TOKENS = 49406, 49407, 77
 EMPTY_PROMPT_IDS = (BOS, EOS) + (EOS,) * (TEXT_TOKENS - 2)
 
-# -- the official ODISE key list (spec §8.2) ------------------------------------------------------
+# -- the official ODISE key list ------------------------------------------------------------------
 
 _CAPTIONER = (
     "alpha_cond",
@@ -220,7 +220,7 @@ def _predictor_keys(caption: bool) -> list[str]:
 
 
 def official_keys(classifier: str) -> list[str]:
-    """Every key of the released ODISE `.pth` ("label": 399, "caption": 400), spec §8.2."""
+    """Every key of the released ODISE `.pth` ("label": 399, "caption": 400)."""
     if classifier not in ("label", "caption"):
         raise ValueError(f"classifier must be 'label' or 'caption', got {classifier!r}")
     keys = _with("backbone.feature_extractor.", _CAPTIONER)
@@ -367,7 +367,7 @@ def diffusers_configs(
     config = dict(original_config or SD_V1_INFERENCE_CONFIG)
     checkpoint = checkpoint or {}
     unet_config = ldm.create_unet_diffusers_config_from_ldm(config, checkpoint)
-    # LDM's timestep embedding is [cos, sin] with no shift (spec §3.4)
+    # LDM's timestep embedding is [cos, sin] with no shift
     unet_config.update(flip_sin_to_cos=True, freq_shift=0)
     vae_config = ldm.create_vae_diffusers_config_from_ldm(config, checkpoint)
     return unet_config, vae_config

@@ -1,6 +1,6 @@
 """SINE checkpoints -> promptseg's native layout (`backbone.vit.*` + `head.*`).
 
-Layouts read (spec sine.md §5):
+Layouts read:
 - the official state dict (DeepSpeed `zero_to_fp32` output, no wrapper): `image_encoder.neck.*`,
   `transformer_decoder.*`, maybe `criterion.empty_weight` (ignored) and the frozen encoder
   `image_encoder.encoder.*` in DINOv2 names (`mask_token` dropped);

@@ -1,4 +1,4 @@
-"""Mask2Former head as ODISE uses it (specs/odise.md §4, §5.1): pixel decoder + masked decoder.
+"""Mask2Former head as ODISE uses it: pixel decoder + masked decoder.
 
 `MSDeformAttnPixelDecoder`: the three deepest pyramid levels (strides 8, 16, 32) go through a
 deformable-attention encoder; the shallower ones are merged top-down FPN-style into the

@@ -39,10 +39,10 @@ def semantic_map(
     """Sum over queries of class prob x mask prob: logits [S, M+1], masks [S, H, W] -> [M, H', W'].
 
     `resize` maps mask logits [k, H, W] to the output frame [k, H', W'] BEFORE the sigmoid, as the
-    official FSS evaluation does (upsample to the canvas, then sigmoid and sum; sine.md §4.1); it is
-    applied `chunk` queries at a time so 200 canvas-size maps never coexist. Not normalised: a pixel
-    covered by several confident queries can exceed 1 (FSS threshold 0.7). Computed in float32,
-    so half-precision and float64 models give the same map type.
+    official FSS evaluation does (upsample to the canvas, then sigmoid and sum); it is applied
+    `chunk` queries at a time so 200 canvas-size maps never coexist. Not normalised: a pixel covered
+    by several confident queries can exceed 1 (FSS threshold 0.7). Computed in float32, so
+    half-precision and float64 models give the same map type.
     """
     probs = pred_logits.float().softmax(dim=-1)[:, :-1]  # [S, M], float32 whatever the model's
     if resize is None:

@@ -1,4 +1,4 @@
-"""SINE's trainable part: conv neck, in-context fusion and the M-Former decoder (specs/sine.md).
+"""SINE's trainable part: conv neck, in-context fusion and the M-Former decoder.
 
 Target tokens F_t and reference tokens (mask-pooled from reference features) meet in one post-norm
 fusion block that is applied with the same weights in both directions. The M-Former then decodes
@@ -286,7 +286,7 @@ class MFormerHead(Head):
 
         masks[r] [K_r, H, W] with ids[r], classes[r] [K_r]; default ids = one per mask in order,
         default classes = all 0. A token pools the union of its masks in each reference, then
-        sums over references / total pixel count (spec 1.2, 2.3).
+        sums over references / total pixel count.
         """
         device = ref_feats.device
         if ids is None:

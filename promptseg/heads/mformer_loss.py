@@ -1,4 +1,4 @@
-"""SINE's set loss (specs/sine.md §3): identity matching of ID queries and the criterion.
+"""SINE's set loss: identity matching of ID queries and the criterion.
 
 Instance queries are matched per target image by the Hungarian matcher (layers/matching.py) on
 2 x (-class prob) + 5 x point BCE + 5 x point dice; ID queries are matched by identity.

@@ -1,4 +1,4 @@
-"""CLIPSeg's fixed-interval metrics (spec benchmarks.md §3.6, clipseg.md §6.1), pure numpy.
+"""CLIPSeg's fixed-interval metrics, pure numpy.
 
 Per sample, tp/fp/fn/tn are counted at the 49 thresholds `np.linspace(0, 1, 51)[1:-1]` with a strict
 `p > t`. From the int64 sums: IoU_FG, per-"class" mIoU and IoU_BIN (all with +1 in every

@@ -1,4 +1,4 @@
-"""COCO mask (or box) AP by calling pycocotools' COCOeval, fed as benchmarks.md §3.3 prescribes.
+"""COCO mask (or box) AP by calling pycocotools' COCOeval, fed as the COCO protocol prescribes.
 
 pycocotools is the reference, so it is not re-implemented: this module only prepares the inputs
 (drops `bbox` from segm results, str RLE counts, no mutation of the caller's dicts), silences its

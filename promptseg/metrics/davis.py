@@ -1,6 +1,6 @@
-"""DAVIS region (J) and boundary (F) measures and semi-supervised J&F (spec benchmarks.md §3.4).
+"""DAVIS region (J) and boundary (F) measures and semi-supervised J&F.
 
-Written from the spec (davis2017-evaluation is GPL-3, not vendored); numbers equal the reference's.
+Re-implemented here (davis2017-evaluation is GPL-3, not vendored); numbers equal the reference's.
 Values are fractions in [0, 1], as in the reference CSV; reports multiply by 100.
 """
 
@@ -144,7 +144,7 @@ def _dilate_disk(b: np.ndarray, radius: int) -> np.ndarray:
 
 def f_measure(gt: Any, pred: Any, bound_th: float = 0.008) -> float | np.ndarray:
     """Boundary F-measure within disk(ceil(bound_th * diagonal)) (per frame for [T, H, W]); empty
-    boundaries: none predicted -> P 1, R 0; no GT -> P 0, R 1; neither -> 1, 1 (spec §3.4)."""
+    boundaries: none predicted -> P 1, R 0; no GT -> P 0, R 1; neither -> 1, 1."""
     g, p = _pair(gt, pred)
     # A disk wider than the image diagonal covers it from any pixel: clamping changes nothing.
     r = min(bound_pixels(g.shape, bound_th), math.ceil(math.hypot(*g.shape[-2:])))

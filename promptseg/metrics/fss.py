@@ -1,4 +1,4 @@
-"""Few-shot segmentation mIoU and FB-IoU with HSNet's protocol (spec benchmarks.md §3.1).
+"""Few-shot segmentation mIoU and FB-IoU with HSNet's protocol.
 
 Per-class integer accumulators of foreground/background intersection and union, keyed by the
 episode's class (not by episode). Pure numpy, int64; shards can be merged exactly.
@@ -22,8 +22,7 @@ class FewShotSegEvaluator:
     `inter[b, k]` / `union[b, k]` (b = 0 background, 1 foreground; k = position of the class in
     `class_ids`) are summed over all episodes of that class. Class IoU is
     inter_fg / max(union_fg, 1), so a class never sampled (or never foreground in GT or prediction)
-    scores 0 and still counts in the mean. Returned metrics are percentages (×100), as in the
-    spec's worked examples.
+    scores 0 and still counts in the mean. Returned metrics are percentages (×100).
     """
 
     def __init__(self, class_ids: Iterable[int]) -> None:
@@ -99,7 +98,7 @@ class FewShotSegEvaluator:
         return float(100.0 * np.mean(iou))
 
     def records(self) -> list[dict[str, int | float]]:
-        """Per-class rows for the result JSON (§5.2): class_id, iou (%), raw counts, n_episodes."""
+        """Per-class rows for the result JSON: class_id, iou (%), raw counts, n_episodes."""
         iou = self.class_iou()
         return [
             {

@@ -1,4 +1,4 @@
-"""Panoptic quality (PQ, SQ, RQ) with panopticapi's exact rules (spec benchmarks.md §3.2).
+"""Panoptic quality (PQ, SQ, RQ) with panopticapi's exact rules.
 
 Per-category int64 tp/fp/fn and float IoU sums merge exactly across shards; results keep
 panopticapi's structure and scale (fractions in [0, 1], not percentages).

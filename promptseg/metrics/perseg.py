@@ -1,4 +1,4 @@
-"""PerSeg one-shot personalised segmentation mIoU / mAcc (spec benchmarks.md §3.7).
+"""PerSeg one-shot personalised segmentation mIoU / mAcc.
 
 Personalize-SAM `eval_miou.py`: per object, the intersection I, union U and GT area T are summed
 over its query images (every image but the reference `00`); IoU_obj = ΣI / (ΣU + 1e-10),

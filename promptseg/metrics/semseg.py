@@ -1,4 +1,4 @@
-"""Semantic-segmentation mIoU with detectron2's SemSegEvaluator conventions (benchmarks.md §3.5).
+"""Semantic-segmentation mIoU with detectron2's SemSegEvaluator conventions.
 
 A dataset-level (K+1)×(K+1) int64 confusion matrix (rows = prediction, columns = GT, last index =
 ignore); classes absent from the GT are excluded from every mean. Pure numpy; shards merge exactly.

@@ -33,7 +33,7 @@ from .base import ImageEmbedding, PromptSegModel, compose
 __all__ = ["CLIPSeg", "engineer_visual_prompt", "gaussian_blur"]
 
 
-# -- visual prompt engineering ("crop + background blur + intensity 10%", spec §1.2) ---------------
+# -- visual prompt engineering ("crop + background blur + intensity 10%") --------------------------
 def gaussian_blur(x: torch.Tensor, kernel_size: int = 15, sigma: float = 3.0) -> torch.Tensor:
     """Separable Gaussian blur of [C, H, W] with reflect-101 borders (= cv2.GaussianBlur)."""
     r = kernel_size // 2
@@ -50,7 +50,7 @@ def gaussian_blur(x: torch.Tensor, kernel_size: int = 15, sigma: float = 3.0) ->
 def _mask_box(mask: torch.Tensor) -> tuple[int, int, int, int]:
     """(y0, y1, x0, x1), end-exclusive, of the mask's pixels with 10% context per axis.
 
-    An empty mask gives the whole image (spec §1.2).
+    An empty mask gives the whole image.
     """
     h, w = mask.shape
     if not mask.any():

@@ -145,7 +145,7 @@ class TextHead(nn.Module):
 
 @register_model("odise")
 class ODISE(PromptSegModel):
-    """Stable Diffusion features + Mask2Former + CLIP, open vocabulary (spec in the module doc)."""
+    """Stable Diffusion features + Mask2Former + CLIP, open vocabulary (see the module doc)."""
 
     levels = ("panoptic", "instance", "semantic", "all")
     threshold_meaning = "minimum class probability of a query kept for the panoptic output"

@@ -311,7 +311,7 @@ class SINE(SINEVideo, PromptSegModel):
         """(masks, scores, labels, prompt_index, levels, class_ids) of one level of one prompt.
 
         `frame` = (canvas, valid (h', w'), output size): logits go to the canvas, are cropped to
-        the image region and resized to the output (sine.md §4).
+        the image region and resized to the output.
         """
         canvas, valid, size = frame
         if level == "semantic":  # official order: logits to the canvas, then sigmoid and sum

@@ -1,9 +1,9 @@
 """SINE video object segmentation: per-object memory banks and the frame loop (`segment_video`).
 
-Official memory (sine.md §4.3): each object keeps its first-frame ground truth plus the best
-`memory - 1` predicted frames by decayed score; a frame's features are computed once and reused
-when it becomes a memory frame. Frames are resized short side first, then long side to the
-canvas, and zero-padded; overlaps between objects go to the largest id.
+Official memory: each object keeps its first-frame ground truth plus the best `memory - 1`
+predicted frames by decayed score; a frame's features are computed once and reused when it
+becomes a memory frame. Frames are resized short side first, then long side to the canvas, and
+zero-padded; overlaps between objects go to the largest id.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MemoryEntry:
 @dataclass
 class MemoryBank:
     """Per-object VOS memory: the first-frame GT always kept, plus the best `capacity - 1` frames
-    by (decayed score, score, frame index); the lowest is evicted (sine.md §4.3)."""
+    by (decayed score, score, frame index); the lowest is evicted."""
 
     capacity: int
     fixed: MemoryEntry
@@ -156,12 +156,12 @@ class SINEVideo:
         Overlapping objects go to the largest id (`merge_objects`). fp16 autocast on CUDA only.
 
         `masks` maps later frame indices (positions in `frames`, 1..len - 1) to label maps, as
-        YouTube-VOS `use_all_mask` (sine.md §4.3): an object whose label first appears there joins
-        at that frame, its memory's fixed entry being that frame's GT, and is decoded with the
-        others from then on (its prediction there enters its memory, as at frame 0). Labels of
-        objects already known are ignored: their memories are kept, not reset. The spec does not
-        say what the official output is at such a frame; here it is the given GT for the objects
-        joining there and the prediction for the others, merged by the same largest-id rule.
+        YouTube-VOS `use_all_mask`: an object whose label first appears there joins at that
+        frame, its memory's fixed entry being that frame's GT, and is decoded with the others
+        from then on (its prediction there enters its memory, as at frame 0). Labels of objects
+        already known are ignored: their memories are kept, not reset. At such a frame the output
+        is the given GT for the objects joining there and the prediction for the others, merged
+        by the same largest-id rule.
         Frame 0 is written with the prediction, as officially. To process only the annotated
         frames (YouTube-VOS: every 5th, unless `--all_frame`), pass only those frames.
         The arguments are checked when called, before the first frame is decoded.

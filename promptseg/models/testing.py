@@ -7,9 +7,9 @@
                        -> hand-computable scores
 
 They take every prompt kind and produce every output level, so one command can drive every
-`promptseg eval` path end to end in seconds (benchmarks.md §5.3). The zoo names `test_colorkey`,
-`test_empty` and `test_shifted` (dx 8) build them through the `testing` family, whose card's
-`config.mode` (colorkey | empty | shifted) picks the class.
+`promptseg eval` path end to end in seconds. The zoo names `test_colorkey`, `test_empty` and
+`test_shifted` (dx 8) build them through the `testing` family, whose card's `config.mode`
+(colorkey | empty | shifted) picks the class.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Nothing here is imported by the library itself; reference implementations (transformers, ...)
 and the test models are imported lazily, so they are only needed by whoever uses them.
 
-Test models (benchmarks.md §5.3; zoo names `test_colorkey`, `test_empty`, `test_shifted`):
+Test models (zoo names `test_colorkey`, `test_empty`, `test_shifted`):
 
 - `ColorKey()` finds each prompt's colour: 100 on every mini dataset (`eval refer`: CLIPSeg's
   +1 denominators give |GT| / (|GT| + 1) per phrase; `eval perseg`: 100 ΣI / (ΣI + 1e-10)).

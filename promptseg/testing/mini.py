@@ -1,4 +1,4 @@
-"""`make_mini`: every miniature dataset of benchmarks.md §5.3 in its real on-disk layout."""
+"""`make_mini`: every miniature dataset of the benchmarks in its real on-disk layout."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ __all__ = ["make_mini"]
 
 
 def make_mini(out: str | Path, datasets: Sequence[str] | str = "all", seed: int = 0) -> dict:
-    """Write the miniature few-shot, dense and PerSeg datasets (§5.3) under `out`; returns paths."""
+    """Write the miniature few-shot, dense and PerSeg datasets under `out`; returns paths."""
     from .mini_dense import DENSE_DATASETS, make_mini_dense
     from .mini_fewshot import MINI_FEWSHOT_DATASETS, make_mini_fewshot
     from .mini_perseg import make_mini_perseg

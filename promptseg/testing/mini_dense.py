@@ -1,4 +1,4 @@
-"""Miniature dense datasets in the exact on-disk layouts of spec benchmarks.md §1.6-1.10 (§5.3).
+"""Miniature dense datasets in the real datasets' exact on-disk layouts (benchmarks/README.md).
 
 Flat-colour JPEG scenes (grey `BACKGROUND`, 8-pixel-aligned rectangles painted `class_color` of
 the class name the matching reader reports), so a colour test model scores 100 and the readers,

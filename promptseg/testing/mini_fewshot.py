@@ -1,4 +1,4 @@
-"""Miniature few-shot datasets in exactly the real on-disk layouts (spec benchmarks.md §5.3).
+"""Miniature few-shot datasets in exactly the real on-disk layouts.
 
 Every image is a grey (`colors.BACKGROUND`) scene of 8-pixel-aligned rectangles painted
 ``colors.class_color(<class name>)`` and saved as JPEG (quality 100, no chroma subsampling), so

@@ -1,4 +1,4 @@
-"""Miniature PerSeg in the exact on-disk layout of spec benchmarks.md §1.11 (§5.3).
+"""Miniature PerSeg in the exact on-disk layout of PerSeg.
 
 `<root>/data/Images/<object>/<nn>.jpg` flat-colour scenes (grey `BACKGROUND`, the object an
 8-pixel-aligned rectangle painted `class_color(<object>)`) and `<root>/data/Annotations/<object>/

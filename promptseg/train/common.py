@@ -5,15 +5,16 @@ processes, and running a trainer from a config file.
 Several processes (`torchrun --nproc_per_node N -m promptseg train FAMILY --config FILE`):
 `start_distributed` initialises torch.distributed (env://; NCCL and device cuda:LOCAL_RANK on
 CUDA, gloo on CPU) when WORLD_SIZE > 1. `batch_size` stays the number of samples of one optimiser
-step, whatever N: the global batch of step t is the same list of samples at any N (every rank
-draws it from the run's one data stream, seeded by `seed` as a single process draws it), and rank
-r runs forward and backward for samples r, r + N, ... only, so each rank accumulates
-batch_size / N samples. The randomness inside a sample's loss (criterion points, latent samples)
-comes from `sample_generator(seed, step, j)` of its global position j, so it does not depend on
-which rank runs it. The trainable parameters are wrapped in DistributedDataParallel
-(`GradientAccumulator`; the frozen encoders are not wrapped and have no gradient), which starts
-every rank from rank 0's values and all-reduces the gradients in the last backward of the step's
-accumulation, so every rank takes the same optimiser step: N processes give the updates of one.
+step, whatever N: the global batch of step t is the same list of samples at any N, and rank r
+loads, augments and runs forward and backward for samples r, r + N, ... only (DistributedSampler's
+split), so each rank accumulates batch_size / N samples. Sample j of step t is drawn and augmented
+with `sample_rng(seed, t, j)` (ODISE's images come from one epoch order every rank follows), and
+the randomness inside its loss (criterion points, latent samples) comes from
+`sample_generator(seed, t, j)`: neither depends on which rank runs it. The trainable parameters
+are wrapped in DistributedDataParallel (`GradientAccumulator`; the frozen encoders are not wrapped
+and have no gradient), which starts every rank from rank 0's values and all-reduces the gradients
+in the last backward of the step's accumulation, so every rank takes the same optimiser step: N
+processes give the updates of one.
 Only rank 0 shows progress and writes files; the printed loss is the mean over the global batch.
 """
 
@@ -58,6 +59,7 @@ __all__ = [
     "stop_distributed",
     "GradientAccumulator",
     "sample_generator",
+    "sample_rng",
     "autocast",
     "grad_scaler",
     "rank_states",
@@ -262,6 +264,13 @@ def grad_scaler(config: TrainConfig, device: torch.device) -> torch.amp.GradScal
     return torch.amp.GradScaler(device.type, enabled=config.amp_dtype == torch.float16)
 
 
+def sample_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The numpy generator of the sample at global position `index` of step `step` (what it
+    draws and its augmentation): only the rank that trains on the sample loads it, and it is
+    the same sample whichever rank that is, and with nothing to save for resuming."""
+    return np.random.default_rng([seed, step, index, 1])  # 1: apart from sample_generator
+
+
 def sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     """The torch generator of the sample at global position `index` of step `step`: the same
     draws whichever rank runs the sample, and no state to save for resuming."""
@@ -408,16 +417,21 @@ def trainable_model(config: TrainConfig, frozen: str) -> Any:
 STATE_FILE = "train_state.pt"  # in the run's `out` folder: what `resume: true` continues from
 
 
-def _rng_state(rng: np.random.Generator, generator: torch.Generator | None) -> dict[str, Any]:
-    """This process's random states: the data stream, a torch generator, torch's global RNG."""
-    state: dict[str, Any] = {"rng": rng.bit_generator.state, "torch": torch.get_rng_state()}
+def _rng_state(
+    rng: np.random.Generator | None, generator: torch.Generator | None
+) -> dict[str, Any]:
+    """This process's random states: the data stream (if the trainer has one beside the
+    per-sample generators), a torch generator, torch's global RNG."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if rng is not None:
+        state["rng"] = rng.bit_generator.state
     if generator is not None:
         state["generator"] = generator.get_state()
     return state
 
 
 def rank_states(
-    ctx: Distributed, rng: np.random.Generator, generator: torch.Generator | None = None
+    ctx: Distributed, rng: np.random.Generator | None, generator: torch.Generator | None = None
 ) -> list[dict[str, Any]]:
     """Every rank's random states, gathered (a collective: all ranks call it), rank order."""
     own = _rng_state(rng, generator)
@@ -432,7 +446,7 @@ def save_train_state(
     path: Path,
     *,
     step: int,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     generator: torch.Generator | None = None,
     ranks: list[dict[str, Any]] | None = None,
     **parts: Any,
@@ -453,7 +467,7 @@ def checkpoint(
     model: nn.Module,
     /,
     *,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     **parts: Any,
 ) -> None:
     """After optimiser step `step` (0-based), every `save_every` steps and at the last: rank 0
@@ -474,7 +488,7 @@ def checkpoint(
 def load_train_state(
     path: Path,
     *,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
     generator: torch.Generator | None = None,
     rank: int = 0,
     **parts: Any,
@@ -494,7 +508,8 @@ def load_train_state(
             group["lr"] = group["initial_lr"] * factor(step)
     ranks = state.get("ranks") or [state]
     own = ranks[rank] if rank < len(ranks) else ranks[0]
-    rng.bit_generator.state = own["rng"]
+    if rng is not None:
+        rng.bit_generator.state = own["rng"]
     if generator is not None and "generator" in own:
         generator.set_state(own["generator"])
     if "torch" in own and rank < len(ranks):

@@ -9,14 +9,13 @@ negated latent of its mask drawn as +-1 RGB; latents are posterior samples; the 
 enters the loss times 0. AdamW (lr 1e-5, weight decay 1e-2 on every parameter), linear decay to
 `lr_end`, gradient clipping, `batch_size` episodes accumulated per step. The VAE is frozen.
 `resume: true` continues from `out/train_state.pt` (optimiser, schedule, scaler, step, every
-rank's RNGs). The latents' posterior samples of episode j of a step come from
-`sample_generator(seed, step, j)`. `amp: bf16 | fp16`: CUDA autocast of the episode's passes
-(fp16 with a gradient scaler; the official recipe trained in fp16).
+rank's RNGs). Episode j of step t is drawn from `sample_rng(seed, t, j)`, and its latents'
+posterior samples come from `sample_generator(seed, t, j)`. `amp: bf16 | fp16`: CUDA autocast of
+the episode's passes (fp16 with a gradient scaler; the official recipe trained in fp16).
 
-Several processes (torchrun, see promptseg.train.common): every rank draws the step's episodes
-from the one episode stream, rank r trains on episodes r, r + N, ..., the UNet's gradients are
-all-reduced by DistributedDataParallel before the step (batch_size / N episodes per rank, the
-same updates as one process).
+Several processes (torchrun, see promptseg.train.common): rank r draws, loads and trains on
+episodes r, r + N, ... of each step, and DistributedDataParallel all-reduces the UNet's gradients
+before the step (batch_size / N episodes per rank, the same updates as one process).
 
 Text context: the official training conditioned on the empty prompt padded to 77 tokens, while
 evaluation uses the 2 unpadded tokens the model holds. `text_context: FILE` (the
@@ -54,6 +53,7 @@ from .common import (
     optimiser_step,
     run_from_file,
     sample_generator,
+    sample_rng,
     start_distributed,
     trainable_model,
 )
@@ -115,10 +115,11 @@ def training_text_context(config: DiffewSTrainConfig, model: Any) -> torch.Tenso
 
 
 class EpisodeSampler:
-    """(query image, query mask, support images, support masks) of one class, under `rng`."""
+    """(query image, query mask, support images, support masks) of one class: a call draws one
+    episode from the generator it is given, so an episode is reproducible from it."""
 
-    def __init__(self, data: CocoInstances, shots: int, rng: np.random.Generator) -> None:
-        self.data, self.shots, self.rng = data, shots, rng
+    def __init__(self, data: CocoInstances, shots: int) -> None:
+        self.data, self.shots = data, shots
         self.classes = [c for c, images in data.by_class.items() if len(images) > 1]
         if not self.classes:
             raise DatasetLayoutError(
@@ -134,13 +135,13 @@ class EpisodeSampler:
             mask
         )
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, list, list]:
-        cat = self.classes[self.rng.integers(len(self.classes))]
+    def __call__(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, list, list]:
+        cat = self.classes[rng.integers(len(self.classes))]
         images = self.data.by_class[cat]
-        query = images[self.rng.integers(len(images))]
+        query = images[rng.integers(len(images))]
         others = [i for i in images if i != query]
-        k = min(int(self.rng.integers(1, self.shots + 1)), len(others))
-        chosen = self.rng.choice(others, size=k, replace=False)
+        k = min(int(rng.integers(1, self.shots + 1)), len(others))
+        chosen = rng.choice(others, size=k, replace=False)
         q_image, q_mask = self._class_mask(query, cat)
         supports = [self._class_mask(int(i), cat) for i in chosen]
         return q_image, q_mask, [s[0] for s in supports], [s[1] for s in supports]
@@ -170,7 +171,7 @@ def step_episode_loss(
     model: Any,
     config: DiffewSTrainConfig,
     step: int,
-    episodes: list[tuple],
+    episodes: dict[int, tuple],
     text_context: torch.Tensor | None,
     j: int,
 ) -> torch.Tensor:
@@ -200,13 +201,11 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     factor = partial(lr_factor, warmup=config.warmup_steps, total=config.steps, end=end)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     scaler = grad_scaler(config, model.device)
-    rng = np.random.default_rng(config.seed)
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
     if config.resume and state_path.is_file():
         start, _ = load_train_state(
             state_path,
-            rng=rng,
             rank=ctx.rank,
             model=model,
             optimiser=optimiser,
@@ -215,7 +214,7 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
         )
         model.train()
         model.vae.eval()
-    sampler = EpisodeSampler(data, config.shots, rng)
+    sampler = EpisodeSampler(data, config.shots)
     losses = []
     bar = tqdm(
         range(start, config.steps),
@@ -224,9 +223,9 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     )
     for step in bar:
         optimiser.zero_grad(set_to_none=True)
-        episodes = [sampler() for _ in range(config.batch_size)]  # the step's global batch
+        positions = ctx.positions(config.batch_size)  # this rank's episodes of the global batch
+        episodes = {j: sampler(sample_rng(config.seed, step, j)) for j in positions}
         loss = partial(step_episode_loss, model, config, step, episodes, text_context)
-        positions = ctx.positions(config.batch_size)
         total = accumulator.backward(positions, loss, config.batch_size, scaler)
         norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
         total = ctx.sum(total)
@@ -237,7 +236,6 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
             config,
             step,
             model,
-            rng=rng,
             model=model,
             optimiser=optimiser,
             schedule=schedule,

@@ -1,6 +1,6 @@
 """`promptseg train odise`: train ODISE's trainable parts on a COCO-panoptic-format dataset.
 
-specs/odise.md §9. Data: the panoptic json's images, one target mask per non-crowd segment (kept
+Data: the panoptic json's images, one target mask per non-crowd segment (kept
 even when the crop leaves it empty, as the reference does); detectron2's large-scale jitter:
 horizontal flip (p 0.5), ResizeScale(`scale_range` x `crop_size`, aspect kept, PIL bilinear
 image, nearest segments), FixedSizeCrop(`crop_size`) (one random offset fraction for both axes;
@@ -8,33 +8,35 @@ the image padded bottom/right with 128 as detectron2's default, the segments wit
 come epoch by epoch in a fresh random order.
 
 Forward: pixels [B, 3, S, S] in [0, 1] -> diffusion pyramid (implicit-captioner conditioning, empty
-prompt) -> Mask2Former head, every prediction (initial queries and each decoder layer). Label
-model: class logits are §5.3's K+1 cosine logits against the training vocabulary (`vocabulary`: a
-preset whose label-file ids are the dataset's category ids, COCO's `coco_panoptic`; or null for
-the dataset's category names); the frozen CLIP embeds the raw synonyms once, `text_proj` and
-`null_embed` are trained. Caption model: fg / no-object targets on the head's 2-way class logits,
-plus the grounding loss (weight 1) between mask embeddings and noun phrases of a random caption.
+prompt) -> Mask2Former head, every prediction (initial queries and each decoder layer). Label model:
+class logits are the K+1 cosine logits (K classes and the learned null embedding) against the
+training vocabulary (`vocabulary`: a preset whose label-file ids are the dataset's category ids,
+COCO's `coco_panoptic`; or null for the dataset's category names); the frozen CLIP embeds the raw
+synonyms once, `text_proj` and `null_embed` are trained. Caption model: fg / no-object targets on
+the head's 2-way class logits, plus the grounding loss (weight 1) between mask embeddings and noun
+phrases of a random caption.
 
 Loss: Mask2Former's set criterion on every prediction: Hungarian matching (costs class 2, BCE 5,
-dice 5 on `num_points` uniform points), class CE x 2 (no-object weight 0.1), point BCE x 5 and
-dice x 5 on `num_points` importance-sampled points (oversample 3, importance ratio 0.75), mask
-terms normalised by the number of target masks. Optimiser (detectron2 defaults with decay 0 for
-norm layers and biases): AdamW, lr x the reference's step schedule expressed as fractions of
-`steps` (linear warmup from `warmup_factor` over the first `warmup`, x 0.1 at each of
-`lr_drops`), gradient norm over the optimiser's parameters clipped to `grad_clip`. A step takes
-`batch_size` images in forwards of `micro_batch` images, each micro-batch in the role of one GPU
-of the reference (losses averaged; masks normalised by the step's masks / micro-batches).
-Frozen: the SD UNet and VAE and CLIP. `amp: fp16` (or `true`, the older spelling): fp16
-autocast and a gradient scaler (CUDA) as the reference; `amp: bf16`: bf16 autocast. Random
-points of the micro-batch starting at image j of a step come from `sample_generator(seed, step,
-j)`. `resume: true` continues from `out/train_state.pt` (trainable parameters, optimiser,
-schedule, scaler, step, data order and every rank's RNGs) on the schedule of the config's `steps`.
+dice 5 on `num_points` uniform points), class CE x 2 (no-object weight 0.1), point BCE x 5 and dice
+x 5 on `num_points` importance-sampled points (oversample 3, importance ratio 0.75), mask terms
+normalised by the number of target masks. Optimiser (detectron2 defaults with decay 0 for norm
+layers and biases): AdamW, lr x the reference's step schedule expressed as fractions of `steps`
+(linear warmup from `warmup_factor` over the first `warmup`, x 0.1 at each of `lr_drops`), gradient
+norm over the optimiser's parameters clipped to `grad_clip`. A step takes `batch_size` images in
+forwards of `micro_batch` images, each micro-batch in the role of one GPU of the reference (losses
+averaged; masks normalised by the step's masks / micro-batches). Frozen: the SD UNet and VAE and
+CLIP. `amp: fp16` (or `true`, the older spelling): fp16 autocast and a gradient scaler (CUDA) as the
+reference; `amp: bf16`: bf16 autocast. Image j of step t is augmented (and its caption words drawn)
+with `sample_rng(seed, t, j)`; the random points of the micro-batch starting at image j come from
+`sample_generator(seed, t, j)`. `resume: true` continues from `out/train_state.pt` (trainable
+parameters, optimiser, schedule, scaler, step, data order and every rank's RNGs) on the schedule of
+the config's `steps`.
 
-Several processes (torchrun, see promptseg.train.common): every rank draws the step's
-`batch_size` images from the one data stream (so `num_masks` is the global batch's, as the
-reference all-reduces it), rank r runs micro-batches r, r + N, ... and DistributedDataParallel
-all-reduces the trainable parts' gradients before the step: N processes give the updates of
-one; `batch_size` must be a multiple of N x `micro_batch`.
+Several processes (torchrun, see promptseg.train.common): every rank follows the one epoch order of
+images, rank r loads, augments and runs micro-batches r, r + N, ... of each step (`num_masks` is the
+global batch's, summed over the ranks as the reference all-reduces it), and DistributedDataParallel
+all-reduces the trainable parts' gradients before the step: N processes give the updates of one;
+`batch_size` must be a multiple of N x `micro_batch`.
 
 Not reproduced: the grounding loss contrasts the images of one micro-batch, not the global batch
 (the reference gathers them across GPUs), and the evaluation during training; the reference
@@ -84,6 +86,7 @@ from .common import (
     pil_resize,
     run_from_file,
     sample_generator,
+    sample_rng,
     start_distributed,
 )
 
@@ -416,7 +419,7 @@ def merge_chunks(parts: Sequence[str | None]) -> list[str]:
     """The reference's phrases of a chunked caption: `parts` are chunk texts, None for a token
     outside any chunk. Consecutive chunks join into one phrase, emitted at the next token
     outside a chunk, so a chunk that ends the caption is dropped; a phrase already emitted is
-    not repeated and then keeps growing with the next chunks (spec §12.16)."""
+    not repeated and then keeps growing with the next chunks."""
     phrases: list[str] = []
     current: list[str] = []
     for part in parts:
@@ -494,7 +497,7 @@ def label_logits(
     n_classes: int,
     null: Tensor,
 ) -> Tensor:
-    """The label model's class logits [B, Q, K+1] (spec §5.3): logit_scale x the best cosine
+    """The label model's class logits [B, Q, K+1]: logit_scale x the best cosine
     over each class's synonyms of mask embeddings [B, Q, D] with projected texts [S, D], then
     the cosine with the projected null text [1, D] as the void class."""
     z = F.normalize(mask_embed.float(), dim=-1)
@@ -649,7 +652,7 @@ class SetCriterion:
 def grounding_loss(
     mask_embed: Tensor, logit_scale: Tensor, word_embed: Tensor, word_valid: Tensor
 ) -> Tensor:
-    """The caption model's image-caption contrastive loss over a batch (spec §9): with
+    """The caption model's image-caption contrastive loss over a batch: with
     s(q, w) = logit_scale x cos(mask embedding q [B, Q, D], word w [B, K, D]), the score of
     image i and caption t is the mean over t's words of sum_q softmax_q(s) s; symmetric
     InfoNCE, 0.5 (text->image + image->text), captions without a valid word [B, K] ignored."""
@@ -837,7 +840,7 @@ def micro_batch_loss(
     model: Any,
     config: ODISETrainConfig,
     step: int,
-    samples: Sequence[TrainingSample],
+    samples: dict[int, TrainingSample],
     text: ClassText | None,
     criterion: SetCriterion,
     num_masks: float,
@@ -847,7 +850,7 @@ def micro_batch_loss(
     first = m * config.micro_batch
     loss, _ = batch_loss(
         model,
-        samples[first : first + config.micro_batch],
+        [samples[j] for j in range(first, first + config.micro_batch)],
         text,
         criterion,
         num_masks,
@@ -915,14 +918,19 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         disable=not (progress and ctx.main) or None,
     )
     for step in bar:
-        samples = [  # the step's global batch, drawn alike on every rank
-            training_sample(data[sampler()], class_index, config, rng, phrases)
-            for _ in range(config.batch_size)
-        ]
-        num_masks = max(sum(len(s.labels) for s in samples) / micro_batches, 1.0)
+        images = [sampler() for _ in range(config.batch_size)]  # the step's, alike on every rank
+        positions = ctx.positions(micro_batches)  # this rank's micro-batches
+        samples = {
+            j: training_sample(
+                data[images[j]], class_index, config, sample_rng(config.seed, step, j), phrases
+            )
+            for m in positions
+            for j in range(m * config.micro_batch, (m + 1) * config.micro_batch)
+        }
+        own_masks = sum(len(s.labels) for s in samples.values())
+        num_masks = max(ctx.sum(own_masks) / micro_batches, 1.0)  # the global batch's
         optimiser.zero_grad(set_to_none=True)
         loss = partial(micro_batch_loss, model, config, step, samples, text, criterion, num_masks)
-        positions = ctx.positions(micro_batches)
         total = accumulator.backward(positions, loss, micro_batches, scaler)
         lr = optimiser.param_groups[0]["lr"]
         norm = scaled_optimiser_step(optimiser, schedule, scaler, config.grad_clip)

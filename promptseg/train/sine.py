@@ -1,38 +1,36 @@
 """`promptseg train sine`: fine-tune SINE's trainable parts on a COCO-format instance dataset.
 
-Pairs (sine.md §7): draw a class uniformly among the dataset's categories and a reference image
-containing it; with probability `crop_pair_prob` the target is the same image ("crop pair", so ID
-queries find their instances by annotation id), otherwise a different image containing the class
-(no ID matches). Each view gets its own augmentation (sine.md §1.3): horizontal flip with p 0.5,
-resize to a uniform `jitter_scale` x canvas (aspect kept, PIL bilinear; masks nearest) and a random
-crop to at most canvas x canvas (large-scale jitter), then normalisation and zero padding to the
-canvas (no squash). The reference keeps all instances; the target keeps those of the reference's
-classes; empty views are redrawn. All draws come from one generator seeded by `seed`.
+Pairs: draw a class uniformly among the dataset's categories and a reference image containing it;
+with probability `crop_pair_prob` the target is the same image ("crop pair", so ID queries find
+their instances by annotation id), otherwise a different image containing the class (no ID matches).
+Each view gets its own augmentation: horizontal flip with p 0.5, resize to a uniform `jitter_scale`
+x canvas (aspect kept, PIL bilinear; masks nearest) and a random crop to at most canvas x canvas
+(large-scale jitter), then normalisation and zero padding to the canvas (no squash). The reference
+keeps all instances; the target keeps those of the reference's classes; empty views are redrawn.
+Pair j of step t comes from `sample_rng(seed, t, j)`.
 
-Optimisation (sine.md §7): AdamW (decoupled decay) with betas (0.9, 0.999), eps 1e-8,
-`weight_decay` on every parameter except those of `nn.LayerNorm` and `nn.Embedding` modules
-(LayerNorm2d, biases of linear/conv layers, `temp` and `logit_scale` are decayed, as officially);
-learning rate lr x step / warmup_steps during warmup, then linear decay to 0 at `steps`; global
-gradient norm clipped to `grad_clip`; `batch_size` pairs accumulated per step. Losses:
-SINECriterion (sine.md §3); its random points come from `sample_generator(seed, step, j)` of the
-pair's position j in the step. The frozen DINOv2 encoder gets no gradient. `amp: bf16 | fp16`:
-CUDA autocast (fp16 with a gradient scaler). `resume: true` continues from `out/train_state.pt`
-(head, optimiser, schedule, scaler, step, every rank's random states).
+Optimisation: AdamW (decoupled decay) with betas (0.9, 0.999), eps 1e-8, `weight_decay` on every
+parameter except those of `nn.LayerNorm` and `nn.Embedding` modules (LayerNorm2d, biases of
+linear/conv layers, `temp` and `logit_scale` are decayed, as officially); learning rate lr x step /
+warmup_steps during warmup, then linear decay to 0 at `steps`; global gradient norm clipped to
+`grad_clip`; `batch_size` pairs accumulated per step. Losses: SINECriterion; its random points come
+from `sample_generator(seed, step, j)` of the pair's position j in the step. The frozen DINOv2
+encoder gets no gradient. `amp: bf16 | fp16`: CUDA autocast (fp16 with a gradient scaler). `resume:
+true` continues from `out/train_state.pt` (head, optimiser, schedule, scaler, step, every rank's
+random states).
 
-Several processes (torchrun, see promptseg.train.common): every rank draws the step's
-`batch_size` pairs from the one pair stream, rank r trains on pairs r, r + N, ... and the head
-(in DistributedDataParallel) all-reduces its gradients before the step: N processes x
-batch_size / N pairs give the updates of one process x batch_size pairs. (Every rank decodes and
-jitters all the step's pairs, cheap next to the encoder and decoder passes, to keep that
-equality and today's stream.)
+Several processes (torchrun, see promptseg.train.common): rank r draws, loads and trains on
+pairs r, r + N, ... of each step, and the head (in DistributedDataParallel) all-reduces its
+gradients before the step: N processes x batch_size / N pairs give the updates of one process x
+batch_size pairs.
 
-Not reproduced: the official data mix (COCO/ADE20K panoptic and COCO/Objects365 instance pairs;
-only one COCO instances json here, so no panoptic stuff segments), ZeRO-2 sharding
-and the per-GPU normalisation of the mask losses (here each pair is normalised by its own number
-of matched masks and the pairs of a step are averaged). The spec does not say how the class of a
-pair is drawn (uniformly over categories here), and a class found in one image only always gives a
-crop pair. Masks are rasterised at the original size, then resized nearest-neighbour with the
-image (a detectron2 mapper may transform the polygons instead): boundary pixels can differ.
+Not reproduced: the official data mix (COCO/ADE20K panoptic and COCO/Objects365 instance pairs; only
+one COCO instances json here, so no panoptic stuff segments), ZeRO-2 sharding and the per-GPU
+normalisation of the mask losses (here each pair is normalised by its own number of matched masks
+and the pairs of a step are averaged). The official description does not say how the class of a pair
+is drawn (uniformly over categories here), and a class found in one image only always gives a crop
+pair. Masks are rasterised at the original size, then resized nearest-neighbour with the image (a
+detectron2 mapper may transform the polygons instead): boundary pixels can differ.
 """
 
 from __future__ import annotations
@@ -67,6 +65,7 @@ from .common import (
     pil_resize,
     run_from_file,
     sample_generator,
+    sample_rng,
     start_distributed,
     trainable_model,
 )
@@ -123,7 +122,7 @@ def large_scale_jitter(
     rng: np.random.Generator,
     scale: tuple[float, float] = (0.1, 2.0),
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flip (p 0.5), resize to scale x `size` (aspect kept), crop to <= size x size (§1.3)."""
+    """Flip (p 0.5), resize to scale x `size` (aspect kept), crop to <= size x size."""
     if rng.random() < 0.5:
         image, masks = image[:, ::-1], masks[:, :, ::-1]
     h, w = image.shape[:2]
@@ -137,37 +136,37 @@ def large_scale_jitter(
 
 
 class PairSampler:
-    """Official (reference, target) pairs from a CocoInstances dataset, reproducible under `rng`."""
+    """Official (reference, target) pairs from a CocoInstances dataset: a call draws one pair
+    (images and jitter) from the generator it is given, so a pair is reproducible from it."""
 
     def __init__(
         self,
         data: CocoInstances,
         size: int,
-        rng: np.random.Generator,
         crop_pair_prob: float = 0.5,
         scale: tuple[float, float] = (0.1, 2.0),
         max_tries: int = 100,
     ) -> None:
-        self.data, self.size, self.rng = data, size, rng
+        self.data, self.size = data, size
         self.crop_pair_prob, self.scale, self.max_tries = crop_pair_prob, scale, max_tries
         self.classes = list(data.by_class)
 
-    def view(self, index: int) -> View:
+    def view(self, index: int, rng: np.random.Generator) -> View:
         """Dataset image `index`, jittered, without the instances the crop removed."""
         image, masks, cats, ids = self.data[index]
-        image, masks = large_scale_jitter(image, masks, self.size, self.rng, self.scale)
+        image, masks = large_scale_jitter(image, masks, self.size, rng, self.scale)
         return View(image, masks, cats, ids, index).keep(masks.reshape(len(masks), -1).any(1))
 
-    def __call__(self) -> tuple[View, View]:
+    def __call__(self, rng: np.random.Generator) -> tuple[View, View]:
         """One pair: reference with all its instances, target with the reference's classes."""
         for _ in range(self.max_tries):
-            cat = self.classes[self.rng.integers(len(self.classes))]
+            cat = self.classes[rng.integers(len(self.classes))]
             images = self.data.by_class[cat]
-            ref_index = images[self.rng.integers(len(images))]
+            ref_index = images[rng.integers(len(images))]
             others = [i for i in images if i != ref_index]
-            crop = self.rng.random() < self.crop_pair_prob or not others
-            tgt_index = ref_index if crop else others[self.rng.integers(len(others))]
-            ref, tgt = self.view(ref_index), self.view(tgt_index)
+            crop = rng.random() < self.crop_pair_prob or not others
+            tgt_index = ref_index if crop else others[rng.integers(len(others))]
+            ref, tgt = self.view(ref_index, rng), self.view(tgt_index, rng)
             tgt = tgt.keep(np.isin(tgt.cats, ref.cats))
             if len(ref.ids) and len(tgt.ids):
                 return ref, tgt
@@ -220,7 +219,7 @@ def pair_loss(
     criterion: SINECriterion,
     config: SINETrainConfig,
     step: int,
-    pairs: list[tuple[View, View]],
+    pairs: dict[int, tuple[View, View]],
     j: int,
 ) -> torch.Tensor:
     """The loss of pair `j` of step `step` (its random points keyed by step and position)."""
@@ -244,16 +243,12 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
     optimiser, schedule = build_optimiser(model.head, config)
     scaler = grad_scaler(config, model.device)
     criterion = SINECriterion(world_mean=False)  # per-pair counts, whatever the ranks
-    rng = np.random.default_rng(config.seed)
-    sampler = PairSampler(
-        data, model.canvas("fss"), rng, config.crop_pair_prob, config.jitter_scale
-    )
+    sampler = PairSampler(data, model.canvas("fss"), config.crop_pair_prob, config.jitter_scale)
     out_dir = Path(config.out)
     state_path, start = out_dir / STATE_FILE, 0
     if config.resume and state_path.is_file():
         start, _ = load_train_state(
             state_path,
-            rng=rng,
             rank=ctx.rank,
             head=model.head,
             optimiser=optimiser,
@@ -271,9 +266,9 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
     for step in bar:
         lr = optimiser.param_groups[0]["lr"]
         optimiser.zero_grad(set_to_none=True)
-        pairs = [sampler() for _ in range(config.batch_size)]  # the step's global batch
+        positions = ctx.positions(config.batch_size)  # this rank's pairs of the global batch
+        pairs = {j: sampler(sample_rng(config.seed, step, j)) for j in positions}
         loss = partial(pair_loss, model, criterion, config, step, pairs)
-        positions = ctx.positions(config.batch_size)
         total = accumulator.backward(positions, loss, config.batch_size, scaler)
         norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
         total = ctx.sum(total)
@@ -284,7 +279,6 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
             config,
             step,
             model,
-            rng=rng,
             head=model.head,
             optimiser=optimiser,
             schedule=schedule,

@@ -600,3 +600,18 @@ def test_messages_point_at_the_readme_not_at_spec_sections():
         a for _, _, t in _user_strings() for a in re.findall(r"benchmarks/README\.md#([\w-]+)", t)
     }
     assert {"datasets", "split-lists"} <= anchors <= headings
+
+
+def test_no_package_text_cites_the_design_documents():
+    """Docstrings and comments are read by users too (help(), the source): none cites the
+    internal design documents (their `§` sections, `specs/`, `<family>.md`)."""
+    package = Path(__file__).resolve().parents[2] / "promptseg"
+    pattern = re.compile(r"§|specs/|\b(?:sine|odise|clipseg|diffews|benchmarks|design)\.md\b")
+    cited = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*"))
+        if path.suffix in {".py", ".yaml", ".md"}
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not cited, "\n".join(cited)
