@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,20 +195,32 @@ _count_numbers = itertools.count()
 
 class SharedCount:
     """The items done by all ranks together, for rank 0's one progress bar: each rank adds to a
-    counter in the process group's key-value store (torchrun's rendezvous store) as it scores an
-    item, rank 0 reads it. No collective: no rank ever waits for another to count."""
+    counter in the process group's key-value store (torchrun's rendezvous store) as it scores
+    items, rank 0 reads it. No collective: no rank ever waits for another to count. A rank's
+    items reach the store at most every `interval` seconds (one round trip each time)."""
 
-    def __init__(self, store: Any, number: int) -> None:
-        self.store = store
+    def __init__(self, store: Any, number: int, interval: float = 0.25) -> None:
+        self.store, self.interval = store, interval
         self.done_key = f"promptseg/progress/{number}/done"
         self.finished_key = f"promptseg/progress/{number}/finished"
+        self.pending, self.total, self.sent_at = 0, 0, float("-inf")
 
     def add(self, n: int = 1) -> int:
-        """Count `n` more done items (0: only read); returns the job's total so far."""
-        return int(self.store.add(self.done_key, n))
+        """Count `n` more done items; returns the job's total as last read from the store."""
+        self.pending += n
+        if time.monotonic() - self.sent_at >= self.interval:
+            self.flush()
+        return self.total
+
+    def flush(self) -> int:
+        """Send this rank's uncounted items now and read the job's total."""
+        self.total = int(self.store.add(self.done_key, self.pending))
+        self.pending, self.sent_at = 0, time.monotonic()
+        return self.total
 
     def finish(self) -> None:
-        """This rank has no item left."""
+        """This rank has no item left (its last items are sent first)."""
+        self.flush()
         self.store.add(self.finished_key, 1)
 
     def finished(self) -> int:

@@ -195,14 +195,14 @@ def _follow_other_ranks(bar: tqdm, shared: SharedCount, world: int) -> None:
     its launcher stopping the job: the merge's collective then reports it)."""
     stalled_since = time.monotonic()
     while shared.finished() < world:
-        done = shared.add(0)
+        done = shared.flush()
         if done != bar.n:
             bar.update(done - bar.n)
             stalled_since = time.monotonic()
         elif time.monotonic() - stalled_since > COLLECTIVE_TIMEOUT_S:
             return
-        time.sleep(0.1)
-    bar.update(shared.add(0) - bar.n)
+        time.sleep(0.02)
+    bar.update(shared.flush() - bar.n)
 
 
 def _saved_world(path: Path) -> int | None:
