@@ -10,6 +10,7 @@ import yaml
 
 from promptseg.cli import main
 from promptseg.errors import DatasetLayoutError
+from promptseg.train import common
 from promptseg.train import diffews as trainer
 from promptseg.train.common import CocoInstances
 from promptseg.train.diffews import DiffewSTrainConfig, EpisodeSampler, train_diffews
@@ -38,7 +39,7 @@ def test_loss_falls_and_the_cli_trains(tmp_path, capsys):
 def test_resume_continues_with_the_same_numbers(tmp_path, monkeypatch):
     full = train_diffews(tiny(tmp_path, out=str(tmp_path / "a")), progress=False)
     calls = []
-    original = trainer.optimiser_step
+    original = common.optimiser_step
 
     def stop_after_three(*args, **kwargs):
         if len(calls) == 3:
@@ -46,10 +47,10 @@ def test_resume_continues_with_the_same_numbers(tmp_path, monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "optimiser_step", stop_after_three)
+    monkeypatch.setattr(common, "optimiser_step", stop_after_three)
     with pytest.raises(KeyboardInterrupt):
         train_diffews(tiny(tmp_path, out=str(tmp_path / "b")), progress=False)
-    monkeypatch.setattr(trainer, "optimiser_step", original)
+    monkeypatch.setattr(common, "optimiser_step", original)
     rest = train_diffews(tiny(tmp_path, out=str(tmp_path / "b"), resume=True), progress=False)
     assert len(rest) == 2  # steps 3..4 (the state was saved after step 2)
     np.testing.assert_allclose(rest, full[2:], rtol=1e-4)

@@ -80,6 +80,7 @@ def other_families(root: Path, out: str) -> dict[str, object]:
     rank loads and accumulates 2 samples, the first without synchronising (DDP's no_sync).
     Returns the losses, the first step's gradients (after DDP's all-reduce) and the number of
     samples this process loaded."""
+    from promptseg.train import common
     from promptseg.train import diffews as diffews_trainer
     from promptseg.train import odise as odise_trainer
     from tests.test_odise_train import tiny as odise_tiny
@@ -94,6 +95,7 @@ def other_families(root: Path, out: str) -> dict[str, object]:
     odise = odise_tiny(root / "mini" / "coco", root / out / "odise", steps=2, batch_size=4)
     odise.device = "cpu"
     grads: dict[str, list] = {}
+    step = common.optimiser_step
     loaded = {"diffews": 0, "odise": 0}  # samples this process drew and loaded
 
     def counted(family: str, load: object) -> object:
@@ -103,26 +105,23 @@ def other_families(root: Path, out: str) -> dict[str, object]:
 
         return spy
 
+    losses = {}
     with pytest.MonkeyPatch.context() as patch:
-        for module, name in ((diffews_trainer, "optimiser_step"),
-                             (odise_trainer, "scaled_optimiser_step")):  # fmt: skip
-            patch.setattr(module, name, first_gradient_spy(getattr(module, name), module, grads))
         sampler = diffews_trainer.EpisodeSampler
         patch.setattr(sampler, "__call__", counted("diffews", sampler.__call__))
         patch.setattr(
             odise_trainer, "training_sample", counted("odise", odise_trainer.training_sample)
         )
-        losses = {
-            "diffews": train_diffews(diffews, progress=False),
-            "odise": train_odise(odise, progress=False),
-        }
+        for family, train, run in (("diffews", train_diffews, diffews),
+                                   ("odise", train_odise, odise)):  # fmt: skip
+            patch.setattr(common, "optimiser_step", first_gradient_spy(step, family, grads))
+            losses[family] = train(run, progress=False)
     return {"losses": losses, "grads": grads, "loaded": loaded}
 
 
-def first_gradient_spy(step: object, module: object, into: dict[str, list]) -> object:
-    """`step` (a trainer's optimiser step) keeping the gradients of its first call, in optimiser
-    order, as into[module's family]."""
-    family = module.__name__.rsplit(".", 1)[-1]
+def first_gradient_spy(step: object, family: str, into: dict[str, list]) -> object:
+    """`step` (the trainers' optimiser step) keeping the gradients of its first call, in
+    optimiser order, as into[family]."""
 
     def spy(optimiser, *args):
         grads = [p.grad for g in optimiser.param_groups for p in g["params"]]

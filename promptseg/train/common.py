@@ -39,6 +39,7 @@ from PIL import Image
 from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from ..data.fewshot import segmentation_to_mask
 from ..errors import DatasetLayoutError
@@ -58,6 +59,8 @@ __all__ = [
     "start_distributed",
     "stop_distributed",
     "GradientAccumulator",
+    "resume_point",
+    "run_steps",
     "sample_generator",
     "sample_rng",
     "autocast",
@@ -515,6 +518,64 @@ def load_train_state(
     if "torch" in own and rank < len(ranks):
         torch.set_rng_state(own["torch"])
     return step, state
+
+
+def resume_point(config: TrainConfig, ctx: Distributed, **parts: Any) -> tuple[int, dict[str, Any]]:
+    """With `resume: true` and a saved `out`/train_state.pt: load_train_state into `parts` (and
+    `rng=`), returning (step to continue from, saved state); otherwise (0, {}): a fresh start."""
+    path = Path(config.out) / STATE_FILE
+    if not (config.resume and path.is_file()):
+        return 0, {}
+    return load_train_state(path, rank=ctx.rank, **parts)
+
+
+def run_steps(
+    ctx: Distributed,
+    config: TrainConfig,
+    model: nn.Module,
+    /,
+    *,
+    start: int,
+    units: int,
+    step_loss: Callable[[int, range], Callable[[int], torch.Tensor]],
+    accumulator: GradientAccumulator,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    desc: str,
+    progress: bool,
+    rng: np.random.Generator | None = None,
+    **saved: Any,
+) -> list[float]:
+    """Optimiser steps `start`..`config.steps` - 1, the loop every trainer shares: each step
+    splits its `units` (samples or micro-batches) over the ranks, accumulates the losses
+    `step_loss(step, this rank's positions)` gives by position, takes the clipped optimiser step
+    and checkpoints `saved` (and `rng`'s state); rank 0 shows the bar. Returns every step's loss,
+    the mean over the global batch; leaves the model in eval mode."""
+    losses = []
+    bar = tqdm(range(start, config.steps), desc=desc, disable=not (progress and ctx.main) or None)
+    for step in bar:
+        lr = optimiser.param_groups[0]["lr"]
+        optimiser.zero_grad(set_to_none=True)
+        positions = ctx.positions(units)
+        total = accumulator.backward(positions, step_loss(step, positions), units, scaler)
+        norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
+        total = ctx.sum(total)
+        losses.append(total)
+        bar.set_postfix(loss=f"{total:.4g}", lr=f"{lr:.2e}", grad_norm=f"{norm:.3g}")
+        checkpoint(
+            ctx,
+            config,
+            step,
+            model,
+            rng=rng,
+            optimiser=optimiser,
+            schedule=schedule,
+            scaler=scaler,
+            **saved,
+        )
+    model.eval()
+    return losses
 
 
 def run_from_file(

@@ -36,22 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..errors import DatasetLayoutError
 from ..registry import register_trainer
 from .common import (
-    STATE_FILE,
     CocoInstances,
     GradientAccumulator,
     TrainConfig,
     autocast,
-    checkpoint,
     grad_scaler,
-    load_train_state,
     lr_factor,
-    optimiser_step,
+    resume_point,
     run_from_file,
+    run_steps,
     sample_generator,
     sample_rng,
     start_distributed,
@@ -201,48 +198,32 @@ def train_diffews(config: DiffewSTrainConfig, *, progress: bool = True) -> list[
     factor = partial(lr_factor, warmup=config.warmup_steps, total=config.steps, end=end)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     scaler = grad_scaler(config, model.device)
-    out_dir = Path(config.out)
-    state_path, start = out_dir / STATE_FILE, 0
-    if config.resume and state_path.is_file():
-        start, _ = load_train_state(
-            state_path,
-            rank=ctx.rank,
-            model=model,
-            optimiser=optimiser,
-            schedule=schedule,
-            **({"scaler": scaler} if scaler.is_enabled() else {}),
-        )
-        model.train()
-        model.vae.eval()
-    sampler = EpisodeSampler(data, config.shots)
-    losses = []
-    bar = tqdm(
-        range(start, config.steps),
-        desc="train diffews",
-        disable=not (progress and ctx.main) or None,
+    start, _ = resume_point(
+        config, ctx, model=model, optimiser=optimiser, schedule=schedule, scaler=scaler
     )
-    for step in bar:
-        optimiser.zero_grad(set_to_none=True)
-        positions = ctx.positions(config.batch_size)  # this rank's episodes of the global batch
+    model.train()
+    model.vae.eval()
+    sampler = EpisodeSampler(data, config.shots)
+
+    def step_loss(step: int, positions: range) -> partial:
         episodes = {j: sampler(sample_rng(config.seed, step, j)) for j in positions}
-        loss = partial(step_episode_loss, model, config, step, episodes, text_context)
-        total = accumulator.backward(positions, loss, config.batch_size, scaler)
-        norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
-        total = ctx.sum(total)
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.4f}", grad_norm=f"{norm:.2f}")
-        checkpoint(
-            ctx,
-            config,
-            step,
-            model,
-            model=model,
-            optimiser=optimiser,
-            schedule=schedule,
-            **({"scaler": scaler} if scaler.is_enabled() else {}),
-        )
-    model.eval()
-    return losses
+        return partial(step_episode_loss, model, config, step, episodes, text_context)
+
+    return run_steps(
+        ctx,
+        config,
+        model,
+        start=start,
+        units=config.batch_size,
+        step_loss=step_loss,
+        accumulator=accumulator,
+        optimiser=optimiser,
+        schedule=schedule,
+        scaler=scaler,
+        desc="train diffews",
+        progress=progress,
+        model=model,
+    )
 
 
 @register_trainer("diffews")

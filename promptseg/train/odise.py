@@ -59,7 +59,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..errors import DatasetLayoutError
 from ..layers.matching import (
@@ -80,11 +79,11 @@ from .common import (
     GradientAccumulator,
     TrainConfig,
     autocast,
-    checkpoint,
     configured_model,
-    load_train_state,
     pil_resize,
+    resume_point,
     run_from_file,
+    run_steps,
     sample_generator,
     sample_rng,
     start_distributed,
@@ -794,23 +793,6 @@ def training_model(config: ODISETrainConfig) -> Any:
     return model
 
 
-def scaled_optimiser_step(
-    optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    max_norm: float | None,
-) -> float:
-    """Unscale, clip the global gradient norm of the optimiser's parameters to `max_norm`,
-    step (skipped by the scaler on overflow), advance the schedule; returns the norm before."""
-    scaler.unscale_(optimiser)
-    params = [p for g in optimiser.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, float("inf") if max_norm is None else max_norm)
-    scaler.step(optimiser)
-    scaler.update()
-    schedule.step()
-    return float(norm)
-
-
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """The parameters the trainer updates, by name (the frozen parts are left out)."""
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
@@ -897,30 +879,16 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
     criterion = SetCriterion(config.num_points)
     rng = np.random.default_rng(config.seed)
     sampler = EpochSampler(len(data), rng)
-    out_dir = Path(config.out)
-    state_path, start = out_dir / STATE_FILE, 0
-    if config.resume and state_path.is_file():
-        start, state = load_train_state(
-            state_path,
-            rng=rng,
-            rank=ctx.rank,
-            optimiser=optimiser,
-            schedule=schedule,
-            scaler=scaler,
-            sampler=sampler,
-        )
-        load_trainable_state(model, state["trainable"], state_path)
-    micro_batches = config.batch_size // config.micro_batch
-    losses = []
-    bar = tqdm(
-        range(start, config.steps),
-        desc="train odise",
-        disable=not (progress and ctx.main) or None,
+    start, state = resume_point(
+        config, ctx, rng=rng, optimiser=optimiser, schedule=schedule, scaler=scaler, sampler=sampler
     )
-    for step in bar:
+    if state:
+        load_trainable_state(model, state["trainable"], Path(config.out) / STATE_FILE)
+    micro_batches = config.batch_size // config.micro_batch
+
+    def step_loss(step: int, positions: range) -> partial:
         images = [sampler() for _ in range(config.batch_size)]  # the step's, alike on every rank
-        positions = ctx.positions(micro_batches)  # this rank's micro-batches
-        samples = {
+        samples = {  # those of this rank's micro-batches
             j: training_sample(
                 data[images[j]], class_index, config, sample_rng(config.seed, step, j), phrases
             )
@@ -929,28 +897,25 @@ def train_odise(config: ODISETrainConfig, *, progress: bool = True) -> list[floa
         }
         own_masks = sum(len(s.labels) for s in samples.values())
         num_masks = max(ctx.sum(own_masks) / micro_batches, 1.0)  # the global batch's
-        optimiser.zero_grad(set_to_none=True)
-        loss = partial(micro_batch_loss, model, config, step, samples, text, criterion, num_masks)
-        total = accumulator.backward(positions, loss, micro_batches, scaler)
-        lr = optimiser.param_groups[0]["lr"]
-        norm = scaled_optimiser_step(optimiser, schedule, scaler, config.grad_clip)
-        total = ctx.sum(total)
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.3f}")
-        checkpoint(
-            ctx,
-            config,
-            step,
-            model,
-            rng=rng,
-            trainable=trainable_state(model),
-            optimiser=optimiser,
-            schedule=schedule,
-            scaler=scaler,
-            sampler=sampler,
-        )
-    model.eval()
-    return losses
+        return partial(micro_batch_loss, model, config, step, samples, text, criterion, num_masks)
+
+    return run_steps(
+        ctx,
+        config,
+        model,
+        start=start,
+        units=micro_batches,
+        step_loss=step_loss,
+        accumulator=accumulator,
+        optimiser=optimiser,
+        schedule=schedule,
+        scaler=scaler,
+        desc="train odise",
+        progress=progress,
+        rng=rng,
+        sampler=sampler,
+        trainable=trainable_state(model),  # views of the live parameters
+    )
 
 
 @register_trainer("odise")

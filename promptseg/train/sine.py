@@ -38,32 +38,28 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 from ..errors import DatasetLayoutError
 from ..heads.mformer_loss import SINECriterion
 from ..registry import register_trainer
 from ..transforms import preprocess
 from .common import (
-    STATE_FILE,
     CocoInstances,
     GradientAccumulator,
     TrainConfig,
     autocast,
     build_optimiser,
-    checkpoint,
     grad_scaler,
-    load_train_state,
-    optimiser_step,
     pil_resize,
+    resume_point,
     run_from_file,
+    run_steps,
     sample_generator,
     sample_rng,
     start_distributed,
@@ -244,48 +240,31 @@ def train_sine(config: SINETrainConfig, *, progress: bool = True) -> list[float]
     scaler = grad_scaler(config, model.device)
     criterion = SINECriterion(world_mean=False)  # per-pair counts, whatever the ranks
     sampler = PairSampler(data, model.canvas("fss"), config.crop_pair_prob, config.jitter_scale)
-    out_dir = Path(config.out)
-    state_path, start = out_dir / STATE_FILE, 0
-    if config.resume and state_path.is_file():
-        start, _ = load_train_state(
-            state_path,
-            rank=ctx.rank,
-            head=model.head,
-            optimiser=optimiser,
-            schedule=schedule,
-            scaler=scaler,
-        )
-        model.train()
-        model.backbone.eval()
-    losses = []
-    bar = tqdm(
-        range(start, config.steps),
-        desc="train sine",
-        disable=not (progress and ctx.main) or None,
+    start, _ = resume_point(
+        config, ctx, head=model.head, optimiser=optimiser, schedule=schedule, scaler=scaler
     )
-    for step in bar:
-        lr = optimiser.param_groups[0]["lr"]
-        optimiser.zero_grad(set_to_none=True)
-        positions = ctx.positions(config.batch_size)  # this rank's pairs of the global batch
+    model.train()
+    model.backbone.eval()
+
+    def step_loss(step: int, positions: range) -> partial:
         pairs = {j: sampler(sample_rng(config.seed, step, j)) for j in positions}
-        loss = partial(pair_loss, model, criterion, config, step, pairs)
-        total = accumulator.backward(positions, loss, config.batch_size, scaler)
-        norm = optimiser_step(optimiser, schedule, config.grad_clip, scaler)
-        total = ctx.sum(total)
-        losses.append(total)
-        bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}", grad_norm=f"{norm:.2f}")
-        checkpoint(
-            ctx,
-            config,
-            step,
-            model,
-            head=model.head,
-            optimiser=optimiser,
-            schedule=schedule,
-            scaler=scaler,
-        )
-    model.eval()
-    return losses
+        return partial(pair_loss, model, criterion, config, step, pairs)
+
+    return run_steps(
+        ctx,
+        config,
+        model,
+        start=start,
+        units=config.batch_size,
+        step_loss=step_loss,
+        accumulator=accumulator,
+        optimiser=optimiser,
+        schedule=schedule,
+        scaler=scaler,
+        desc="train sine",
+        progress=progress,
+        head=model.head,
+    )
 
 
 @register_trainer("sine")
