@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -292,7 +293,8 @@ Command = Callable[[argparse.Namespace], int]
 
 def _warnings_as_lines(command: Command) -> Command:
     """Print promptseg's own warnings once each, as one `promptseg CMD: warning: TEXT` line
-    (not in the warnings module's format, with a source line, once per place that warned)."""
+    (not in the warnings module's format, with a source line, once per place that warned); under
+    torchrun only rank 0 prints them (every rank reads the same data and would say the same)."""
 
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
@@ -311,7 +313,7 @@ def _warnings_as_lines(command: Command) -> Command:
         ) -> None:
             if not _from_promptseg(category, filename):
                 show(message, category, filename, lineno, file, line)
-            elif str(message) not in seen:
+            elif str(message) not in seen and os.environ.get("RANK", "0") == "0":
                 seen.add(str(message))
                 print(f"promptseg {name}: warning: {message}", file=sys.stderr, flush=True)
 

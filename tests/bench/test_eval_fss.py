@@ -176,6 +176,17 @@ def test_bad_batch_size_is_a_clear_error(mini, tmp_path, capsys):
     assert "--batch-size must be >= 1" in capsys.readouterr().err
 
 
+def test_under_torchrun_only_rank_0_prints_the_warning(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "data"
+    assert main(["bench", "make-mini", "--out", str(data), "--datasets", "pascal5i"]) == 0
+    argv = ["eval", "fss", "--dataset", "pascal5i", "--model", "test_colorkey"]
+    argv += ["--data-root", str(data), "--episodes", "5", "--out", str(tmp_path / "a")]
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")  # what torchrun sets (WORLD_SIZE unset: no process group)
+    assert main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_the_data_roots_split_lists_are_used_and_their_warning_is_one_line(tmp_path, capsys):
     """`bench make-mini` writes split lists to <data root>/splits: `eval fss` finds them without
     --splits-dir (offline), warns ONCE, in one line, that they are not the reference episodes,
